@@ -1,0 +1,200 @@
+"""Chunked PyTorch log-prob / entropy of an LM head, never materialising [N, V].
+
+Math (per row n, with z = (h_n @ W^T) / T, the logits over the vocabulary):
+    lse   = log sum_j exp(z_j)
+    logp  = z_y - lse                      (y = target token)
+    p_j   = exp(z_j - lse)
+    Ent   = -sum_j p_j log p_j = lse - sum_j p_j z_j
+
+Gradients w.r.t. the logits, given per-row upstream grads g (for logp) and e (for Ent):
+    d logp / d z_j = onehot_j(y) - p_j
+    d Ent  / d z_j = -p_j (z_j - sum_k p_k z_k) = -p_j (log p_j + Ent)
+so  dz_j = g (onehot_j - p_j) - e p_j (log p_j + Ent)
+and grad_h = dz @ W / T,  grad_W = dz^T @ h / T.
+
+Memory argument: the naive path keeps several [N, V] fp32 tensors alive (logits,
+log_softmax output saved for backward, probabilities for the entropy, and their
+grads). For N = 8k tokens and V = 152k that is ~5 GB each. Here we loop over
+(chunk_n x chunk_v) tiles, keep only two tile-sized fp32 scratch buffers plus O(N)
+running statistics (online log-sum-exp), and recompute the logits tile in backward
+instead of saving it. Peak extra memory is O(chunk_n * chunk_v + N) plus the fp32
+gradient accumulators, which have the size of the inputs themselves.
+
+Accumulation is fp32 for every input dtype except float64, which stays float64 so
+that torch.autograd.gradcheck is meaningful.
+"""
+
+import torch
+
+DEFAULT_CHUNK_N = 1024
+DEFAULT_CHUNK_V = 4096
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation, except float64 inputs keep float64 (for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # A contiguous (rows, cols) view into the flat scratch buffer: slicing a 2-D
+    # buffer would give a strided view, which mm(out=...) cannot write into.
+    return buf[: rows * cols].view(rows, cols)
+
+
+def _target_cols(tgt: torch.Tensor, v0: int, cols: int):
+    """Column of each row's target inside tile [v0, v0+cols), and a mask of hits."""
+    hit = (tgt >= v0) & (tgt < v0 + cols)
+    col = (tgt - v0).clamp_(0, cols - 1)
+    return col, hit
+
+
+def chunked_forward(hidden, weight, targets, inv_t, want_ent, ignore_index,
+                    chunk_n=DEFAULT_CHUNK_N, chunk_v=DEFAULT_CHUNK_V):
+    """Returns (logp, ent or None, lse), all [N] in the accumulation dtype."""
+    n_rows, _ = hidden.shape
+    vocab = weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    dev = hidden.device
+    valid = targets != ignore_index
+    tgt = torch.where(valid, targets, torch.zeros_like(targets))
+    cn, cv = max(1, min(chunk_n, n_rows)), min(chunk_v, vocab)
+    z_buf = torch.empty(cn * cv, dtype=acc, device=dev)
+    e_buf = torch.empty(cn * cv, dtype=acc, device=dev)
+    lse = torch.empty(n_rows, dtype=acc, device=dev)
+    logp = torch.empty(n_rows, dtype=acc, device=dev)
+    ent = torch.empty(n_rows, dtype=acc, device=dev) if want_ent else None
+
+    for n0 in range(0, n_rows, cn):
+        n1 = min(n0 + cn, n_rows)
+        rows = n1 - n0
+        h = hidden[n0:n1].to(acc)                                  # (cn, H)
+        t_r = tgt[n0:n1]
+        m = torch.full((rows,), float("-inf"), dtype=acc, device=dev)
+        s = torch.zeros(rows, dtype=acc, device=dev)   # sum exp(z - m)
+        t = torch.zeros(rows, dtype=acc, device=dev)   # sum exp(z - m) (z - m)
+        z_y = torch.zeros(rows, dtype=acc, device=dev)
+        for v0 in range(0, vocab, cv):
+            v1 = min(v0 + cv, vocab)
+            cols = v1 - v0
+            z = _tile(z_buf, rows, cols)                           # (cn, cv)
+            e = _tile(e_buf, rows, cols)                           # (cn, cv)
+            torch.mm(h, weight[v0:v1].to(acc).t(), out=z)
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            col, hit = _target_cols(t_r, v0, cols)
+            z_y += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
+            m_new = torch.maximum(m, z.amax(dim=1))                # (cn,)
+            # Rescale old sums to the new max; m starts at -inf with s = t = 0,
+            # where (m - m_new) * s would be -inf * 0 = nan, hence the where.
+            alpha = torch.exp(m - m_new)
+            shift = torch.where(s > 0, (m - m_new) * s, 0.0)
+            z.sub_(m_new[:, None])                                 # d = z - m_new <= 0
+            torch.exp(z, out=e)
+            s = s * alpha + e.sum(dim=1)
+            if want_ent:
+                # t tracks sum exp(z-m)(z-m) relative to the running max, so that
+                # Ent = log s - t / s has no cancellation between two ~|z| terms.
+                t = alpha * (t + shift) + e.mul_(z).sum(dim=1)
+            m = m_new
+        log_s = torch.log(s)
+        lse[n0:n1] = m + log_s
+        logp[n0:n1] = z_y - lse[n0:n1]
+        if want_ent:
+            ent[n0:n1] = log_s - t / s
+    zero = torch.zeros((), dtype=acc, device=dev)
+    logp = torch.where(valid, logp, zero)
+    if want_ent:
+        ent = torch.where(valid, ent, zero)
+    return logp, ent, lse
+
+
+def chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_t,
+                     need_h, need_w, chunk_n=DEFAULT_CHUNK_N, chunk_v=DEFAULT_CHUNK_V):
+    """Recompute logits per tile and accumulate grad_h, grad_W in fp32.
+
+    g_lp, g_ent: [N] upstream grads (already zeroed on ignored rows), g_ent may be None.
+    Returns (grad_h or None, grad_W or None) in the accumulation dtype.
+    """
+    n_rows, hdim = hidden.shape
+    vocab = weight.shape[0]
+    acc = lse.dtype
+    dev = hidden.device
+    cn, cv = max(1, min(chunk_n, n_rows)), min(chunk_v, vocab)
+    z_buf = torch.empty(cn * cv, dtype=acc, device=dev)
+    p_buf = torch.empty(cn * cv, dtype=acc, device=dev)
+    grad_h = torch.zeros(n_rows, hdim, dtype=acc, device=dev) if need_h else None
+    grad_w = torch.zeros(vocab, hdim, dtype=acc, device=dev) if need_w else None
+    for n0 in range(0, n_rows, cn):
+        n1 = min(n0 + cn, n_rows)
+        rows = n1 - n0
+        h = hidden[n0:n1].to(acc)                                  # (cn, H)
+        lse_c = lse[n0:n1, None]                                   # (cn, 1)
+        gl = g_lp[n0:n1, None]                                     # (cn, 1)
+        t_r = targets[n0:n1]
+        for v0 in range(0, vocab, cv):
+            v1 = min(v0 + cv, vocab)
+            cols = v1 - v0
+            w = weight[v0:v1].to(acc)                              # (cv, H)
+            z = _tile(z_buf, rows, cols)
+            p = _tile(p_buf, rows, cols)
+            torch.mm(h, w.t(), out=z)
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            z.sub_(lse_c)                                          # log p
+            torch.exp(z, out=p)                                    # p
+            if g_ent is not None:
+                # dz = -p (g + e (log p + Ent)), built in place in z
+                dz = z.add_(ent[n0:n1, None]).mul_(g_ent[n0:n1, None]).add_(gl).mul_(p).neg_()
+            else:
+                dz = p.mul_(gl).neg_()                             # -g p
+            col, hit = _target_cols(t_r, v0, cols)
+            dz.scatter_add_(1, col[:, None], torch.where(hit[:, None], gl, 0.0))
+            # 1/T of the chain rule folded into the GEMM alpha.
+            if need_h:
+                grad_h[n0:n1].addmm_(dz, w, alpha=inv_t)
+            if need_w:
+                grad_w[v0:v1].addmm_(dz.t(), h, alpha=inv_t)
+    return grad_h, grad_w
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """autograd wrapper: forward keeps only [N] stats, backward recomputes tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, want_ent, ignore_index,
+                chunk_n, chunk_v):
+        inv_t = 1.0 / float(temperature)
+        logp, ent, lse = chunked_forward(hidden, weight, targets, inv_t, want_ent,
+                                         ignore_index, chunk_n, chunk_v)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.cfg = (inv_t, want_ent, ignore_index, chunk_n, chunk_v)
+        return (logp, ent) if want_ent else logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_ent=None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        inv_t, want_ent, ignore_index, chunk_n, chunk_v = ctx.cfg
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return (None,) * 8
+        valid = (targets != ignore_index).to(lse.dtype)
+        tgt = torch.where(targets != ignore_index, targets, torch.zeros_like(targets))
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype) * valid
+        if want_ent and g_ent is not None:
+            g_ent = g_ent.to(lse.dtype) * valid
+        else:
+            g_ent = None
+        grad_h, grad_w = chunked_backward(hidden, weight, tgt, lse, ent, g_lp, g_ent,
+                                          inv_t, need_h, need_w, chunk_n, chunk_v)
+        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def chunked_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False,
+                     ignore_index=-100, chunk_n=DEFAULT_CHUNK_N, chunk_v=DEFAULT_CHUNK_V):
+    """Torch backend of fused_logprobs with explicit tile sizes (for tests/tuning)."""
+    out = ChunkedLogprobs.apply(hidden, weight, targets, temperature, return_entropy,
+                                ignore_index, chunk_n, chunk_v)
+    return out if return_entropy else (out, None)
