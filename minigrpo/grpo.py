@@ -1,0 +1,269 @@
+"""The GRPO math, one function per equation. Imports only torch.
+
+Notation (shapes in comments): P prompts, G samples per prompt, B = P * G completions, T completion
+tokens (padded). `logp`, `old_logp`, `ref_logp` are log-probs of the sampled tokens under the current
+policy, the policy that generated them and the frozen reference; `mask` is 1 on real completion
+tokens; `adv` is the advantage.
+
+    advantages        GRPO   A_i = (r_i - mean(r)) / (std(r) + eps)           grpo_advantages
+                      Dr.GRPO A_i = r_i - mean(r)                             drgrpo_advantages
+                      RLOO   A_i = r_i - mean_{j != i} r_j                    rloo_advantages
+    ratio             rho_t = exp(clamp(logp_t - old_logp_t, -c, c))          importance_ratio
+    surrogate         l_t = -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A)  clipped_surrogate
+                      dual-clip (A < 0): l_t = min(l_t, -c_dual A)
+    KL to reference   k1, k2, k3 (Schulman 2020)                              kl_k1 / kl_k2 / kl_k3
+    per-token loss    l_t + beta * k_t
+    aggregation       seq-mean-token-mean (GRPO)                              seq_mean_token_mean
+                      sum_t l_t / N, N = a normaliser given by the caller     token_sum_over
+                        DAPO token-mean: N = completion tokens in the whole step (all ranks)
+                        Dr. GRPO:        N = constant, B * L_max
+                        DRG-Sapphire:    N = completion tokens of the local micro-batch
+    beta schedules    constant; cosine  beta_t = beta * (1 + cos(pi t / T)) / 2   constant_beta / cosine_beta
+    composed          grpo_loss(...) -> (loss, stats)
+
+The loss aggregations are written so that summing `grpo_loss` over any split of the step's
+completions into micro-batches (and ranks) gives the loss of the whole step, provided the caller
+passes the step-global normaliser (token count or number of sequences). See docs/MATH.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def _check_groups(rewards: Tensor) -> None:
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [P, G] with G >= 2 samples per prompt, got shape {tuple(rewards.shape)}")
+
+
+def _zero_constant_groups(rewards: Tensor, adv: Tensor) -> Tensor:
+    """A group whose rewards are all equal carries no signal: make its advantage exactly 0.
+
+    Without this, r - mean(r) is a rounding residue (mean([0.7] * 3) != 0.7 in floating point),
+    which GRPO's division by std + eps would turn into a spurious gradient.
+    """
+    constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # (P, 1)
+    return torch.where(constant, torch.zeros_like(adv), adv)
+
+
+def grpo_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """GRPO: A_i = (r_i - mean_j r_j) / (std_j r_j + eps), std unbiased (G - 1).
+
+    Shao et al. 2024, "DeepSeekMath", eq. (3) (outcome supervision); unbiased std as in TRL.
+    A group whose rewards are all equal gets A = 0 exactly (as in every estimator here).
+    """
+    _check_groups(rewards)
+    mean = rewards.mean(dim=1, keepdim=True)  # (P, 1)
+    std = rewards.std(dim=1, keepdim=True, unbiased=True)  # (P, 1)
+    return _zero_constant_groups(rewards, (rewards - mean) / (std + eps))  # (P, G)
+
+
+def drgrpo_advantages(rewards: Tensor) -> Tensor:
+    """Dr. GRPO: A_i = r_i - mean_j r_j (no division by the group std).
+
+    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", sec. 3.2.
+    """
+    _check_groups(rewards)
+    return _zero_constant_groups(rewards, rewards - rewards.mean(dim=1, keepdim=True))  # (P, G)
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """RLOO: A_i = r_i - 1/(G-1) sum_{j != i} r_j  (= G/(G-1) * (r_i - mean)).
+
+    Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Ahmadian et al. 2024.
+    """
+    _check_groups(rewards)
+    G = rewards.shape[1]
+    leave_one_out_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (G - 1)  # (P, G)
+    return _zero_constant_groups(rewards, rewards - leave_one_out_mean)
+
+
+def token_advantages(adv: Tensor, mask: Tensor) -> Tensor:
+    """Broadcast one advantage per completion to its tokens: A_{i,t} = A_i on real tokens, 0 on padding."""
+    return adv.reshape(-1, 1).to(mask.dtype) * mask  # (B, T)
+
+
+# ----------------------------------------------------------------------------- ratio and surrogate
+
+
+def importance_ratio(logp: Tensor, old_logp: Tensor, max_log_ratio: float = 20.0) -> Tensor:
+    """rho_t = pi_theta(o_t) / pi_old(o_t) = exp(clamp(logp_t - old_logp_t, -c, c)).
+
+    The clamp only guards exp() against overflow; with c = 20 it never binds in healthy runs
+    (ratios that far out are clipped by the surrogate anyway).
+    """
+    return torch.exp(torch.clamp(logp - old_logp, -max_log_ratio, max_log_ratio))
+
+
+def clipped_surrogate(
+    ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float, dual_clip: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO clipped surrogate loss, clip-higher bounds, optional dual clip.
+
+        l_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)
+    Schulman et al. 2017 (PPO); separate eps_low / eps_high ("clip-higher") from Yu et al. 2025 (DAPO).
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", c > 1): for A_t < 0,
+        l_t = min(l_t, -c A_t)
+    so a huge ratio on a negative-advantage token cannot make the loss unbounded.
+
+    Zero-gradient (clipped) regions: A > 0 and rho > 1 + eps_high ("high"); A < 0 and
+    rho < 1 - eps_low ("low"); A < 0 and rho > c ("dual"). Returns (loss (B, T), masks of each region).
+    """
+    unclipped = ratio * adv  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # (B, T)
+    loss = -torch.minimum(unclipped, clipped)
+    regions = {
+        "clip_high": (adv > 0) & (ratio > 1.0 + eps_high),
+        "clip_low": (adv < 0) & (ratio < 1.0 - eps_low),
+    }
+    if dual_clip > 0:
+        dual = (adv < 0) & (ratio > dual_clip)
+        loss = torch.where(dual, -dual_clip * adv, loss)
+        regions["clip_dual"] = dual
+    return loss, regions
+
+
+# ----------------------------------------------------------------------------- KL estimators
+# Schulman 2020, "Approximating KL Divergence". With tokens sampled from pi_theta and
+# log_r = ref_logp - logp, each k is an estimate of KL(pi_theta || pi_ref). Used as a loss term,
+# their gradients differ (on-policy, gradient through logp only):
+#   k1: grad = grad logp            -> expectation 0: no pull towards the reference at all
+#   k2: grad = (logp - ref) grad logp -> expectation = grad KL(pi_theta || pi_ref) (reverse KL)
+#   k3: grad = (1 - r) grad logp    -> expectation = grad KL(pi_ref || pi_theta) (forward KL)
+# (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL".)
+# k3 is the GRPO default (DeepSeekMath eq. 4; the DRG-Sapphire runs).
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 = -log r = logp - ref_logp. Unbiased for KL, high variance, can be negative."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 = (log r)^2 / 2. Biased, low variance, >= 0."""
+    return 0.5 * (ref_logp - logp) ** 2
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, max_log_ratio: float = 20.0) -> Tensor:
+    """k3 = r - 1 - log r, r = pi_ref / pi_theta. Unbiased for KL, >= 0, 0 iff the policies agree."""
+    log_r = torch.clamp(ref_logp - logp, -max_log_ratio, max_log_ratio)
+    return torch.exp(log_r) - 1.0 - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+# ----------------------------------------------------------------------------- aggregation
+# Each maps per-token losses (B, T) and mask (B, T) to a scalar. The normaliser is an argument:
+# passing the step-global value makes the sum over micro-batches equal the loss of the whole step.
+
+
+def token_sum_over(per_token: Tensor, mask: Tensor, normaliser: float | Tensor) -> Tensor:
+    """L = sum_{i,t} mask_{i,t} l_{i,t} / N.
+
+    N = completion tokens in the whole step over all ranks -> DAPO token-mean (Yu et al. 2025, eq. 8);
+    N = B * L_max, a constant -> Dr. GRPO (Liu et al. 2025, eq. 3: no length normalisation);
+    N = mask.sum() of the local micro-batch -> the DRG-Sapphire/TRL-0.15 normaliser (`drg_compat`).
+    """
+    return (per_token * mask).sum() / normaliser
+
+
+def seq_mean_token_mean(per_token: Tensor, mask: Tensor, num_sequences: float | Tensor) -> Tensor:
+    """L = (1/B) sum_i (1/|o_i|) sum_t l_{i,t}: mean over tokens of a completion, then over completions.
+
+    Shao et al. 2024 (DeepSeekMath) eq. (3). B is the number of completions in the whole step, so
+    micro-batch losses add up to the step's loss. Empty completions contribute 0.
+    """
+    per_seq = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
+    return per_seq.sum() / num_sequences
+
+
+# ----------------------------------------------------------------------------- beta schedules
+
+
+def constant_beta(beta: float, step: int, total_steps: int) -> float:
+    """beta_t = beta."""
+    return beta
+
+
+def cosine_beta(beta: float, step: int, total_steps: int) -> float:
+    """beta_t = beta * (1 + cos(pi * t / T)) / 2: beta at t = 0, 0 at t = T (DRG-Sapphire "KL decay")."""
+    t = min(max(step, 0), total_steps)
+    return beta * 0.5 * (1.0 + math.cos(math.pi * t / max(total_steps, 1)))
+
+
+BETA_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {"constant": constant_beta, "cosine": cosine_beta}
+
+# ----------------------------------------------------------------------------- the composed loss
+
+
+def grpo_loss(
+    logp: Tensor,  # (B, T) current policy, requires grad
+    old_logp: Tensor,  # (B, T) behaviour policy; logp.detach() when strictly on-policy
+    adv: Tensor,  # (B, T) per-token advantages
+    mask: Tensor,  # (B, T) 1 on completion tokens
+    aggregate: Callable[[Tensor, Tensor], Tensor],  # e.g. lambda x, m: token_sum_over(x, m, n_tokens)
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float = 0.0,
+    ref_logp: Tensor | None = None,  # (B, T) reference policy; needed when beta > 0
+    beta: float = 0.0,
+    kl: Callable[[Tensor, Tensor], Tensor] = kl_k3,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """loss = aggregate(l_t + beta * k(logp_t, ref_logp_t)), with l_t the clipped surrogate.
+
+    Returns the scalar loss and detached statistics over the masked tokens of this call: fractions and
+    means (`clip_low_frac`, `clip_high_frac`, `clip_dual_frac`, `kl_mean`, `ratio_mean`), `ratio_min` /
+    `ratio_max`, and the sums behind them (`tokens`, `ratio_sum`, `kl_sum`, `clip_*_count`) that callers
+    add across micro-batches and ranks.
+    """
+    mask = mask.to(logp.dtype)
+    ratio = importance_ratio(logp, old_logp, max_log_ratio)  # (B, T)
+    per_token, regions = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
+    stats: dict[str, Tensor] = {}
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl_t = kl(logp, ref_logp)  # (B, T)
+        per_token = per_token + beta * kl_t
+        stats["kl_sum"] = (kl_t.detach() * mask).sum()
+    elif ref_logp is not None:
+        stats["kl_sum"] = (kl(logp.detach(), ref_logp) * mask).sum()
+    loss = aggregate(per_token, mask)
+
+    real = mask.bool()
+    r = ratio.detach()
+    stats["tokens"] = mask.sum().detach()
+    stats["ratio_sum"] = (r * mask).sum()
+    big = torch.finfo(r.dtype).max
+    stats["ratio_min"] = torch.where(real, r, big).min() if real.any() else r.new_tensor(1.0)
+    stats["ratio_max"] = torch.where(real, r, -big).max() if real.any() else r.new_tensor(1.0)
+    for name, region in regions.items():
+        stats[f"{name}_count"] = (region & real).sum().to(r.dtype)
+    # Per-call fractions and means; across micro-batches, combine the sums above instead.
+    n = stats["tokens"].clamp(min=1)
+    stats["ratio_mean"] = stats["ratio_sum"] / n
+    for name in regions:
+        stats[f"{name}_frac"] = stats[f"{name}_count"] / n
+    if "kl_sum" in stats:
+        stats["kl_mean"] = stats["kl_sum"] / n
+    return loss, stats
+
+
+def drg_sapphire_per_token_loss(logp: Tensor, adv: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
+    """The reference DRG-Sapphire (TRL 0.15.1) per-token loss, written literally:
+
+        -(exp(logp - logp.detach()) * A - beta * k3)
+
+    Strictly on-policy (ratio 1, no clipping). Summed over the local micro-batch's tokens and divided by
+    their count it is `grpo_loss(..., old_logp=logp.detach(), kl=kl_k3, aggregate=token_sum_over(local count))`;
+    kept here so tests can show the two agree.
+    """
+    return -(torch.exp(logp - logp.detach()) * adv - beta * kl_k3(logp, ref_logp))

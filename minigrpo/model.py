@@ -1,0 +1,138 @@
+"""Load an HF causal LM from a local folder and get per-token log-probs from it without [N, V] logits.
+
+The model knows nothing of FSDP or RL. `LogprobModel` wraps the HF model so that its forward returns
+log-probs (and entropy) of given target tokens: the decoder body gives hidden states, and
+`minigrpo.kernels.fused_logprobs` combines them with the output embedding weight. Wrapping matters
+for FSDP2: the wrapper is the root module, so its forward unshards the embedding, final norm and
+(tied) output weight that the fused kernel reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minigrpo.kernels import fused_logprobs
+
+IGNORE_INDEX = -100
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that is missing, incomplete or corrupt; the message names the file."""
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """Fail early, naming the file, if `path` is not a loadable HF model folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{cfg}: missing (not an HF model folder)")
+    try:
+        json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg}: not valid JSON ({e})") from None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"{path}: no *.safetensors weights (pickled .bin weights are not loaded)")
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise ModelLoadError(f"{w}: unreadable safetensors file ({e})") from None
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = False):
+    from transformers import AutoTokenizer
+
+    path = check_model_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: tokenizer could not be loaded ({e})") from None
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise ModelLoadError(f"{path}: the tokenizer has no chat template, and this run needs one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """An HF `AutoModelForCausalLM` from a local folder (safetensors only, no hub)."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("attn_implementation=flash_attention_2 but flash-attn is not installed") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{path}: model could not be loaded ({type(e).__name__}: {e})") from None
+    return model.to(device)
+
+
+def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """targets[b, t] = input_ids[b, t + 1] where loss_mask[b, t + 1], else IGNORE_INDEX.
+
+    Position t's hidden state predicts token t + 1, so the score of token t + 1 lives at t.
+    """
+    targets = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
+    targets[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
+    return targets
+
+
+class LogprobModel(nn.Module):
+    """An HF causal LM whose forward returns log-probs of `targets` (and entropy), not logits."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        targets: torch.Tensor,  # (B, T), IGNORE_INDEX where not scored
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token
+        position_ids: torch.Tensor | None = None,  # (B, T) for packed rows
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state  # (B, T, H)
+        weight = self.lm.get_output_embeddings().weight  # (V, H)
+        B, T = input_ids.shape
+        logp, entropy = fused_logprobs(
+            hidden.reshape(B * T, -1), weight, targets.reshape(B * T), temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX
+        )
+        logp = logp.view(B, T)  # fp32
+        return logp, (entropy.view(B, T) if entropy is not None else None)

@@ -1,0 +1,28 @@
+"""The tiny-model builder's output loads with transformers and runs."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+
+def test_tiny_model_loads_and_runs(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert json.loads((tiny_model_dir / "config.json").read_text())["model_type"] == "qwen2"
+    assert (tiny_model_dir / "model.safetensors").is_file()
+    ids = tok.apply_chat_template([{"role": "user", "content": "3 + 4"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    assert tok.decode(tok("SEPSIS WITH MCC")["input_ids"]) == "SEPSIS WITH MCC"  # byte-level round trip
+    logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(tok)) and torch.isfinite(logits).all()
+
+
+def test_tiny_cli_errors_on_missing_corpus(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minigrpo.tiny", "--out", str(tmp_path / "m"), "--corpus", str(tmp_path / "none.txt")], capture_output=True, text=True)
+    assert r.returncode != 0 and "none.txt" in r.stderr
+    assert not (tmp_path / "m").exists()
