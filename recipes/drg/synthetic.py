@@ -1,0 +1,270 @@
+"""Synthetic DRG cases labelled by a real MS-DRG grouper (drgpy), for runs without MIMIC-IV.
+
+    python -m recipes.drg.synthetic --out data/drg_synth.jsonl --n 2000 --seed 0 \
+        [--difficulty easy|medium|hard] [--drgs K] [--principals J18,I50,...] [--paraphrase 0-2]
+
+A case: a principal diagnosis (ICD-10-CM) or, for surgical DRGs, a principal diagnosis plus an
+O.R. procedure (ICD-10-PCS); secondary diagnoses sampled to reach a target severity (a CC, an
+MCC, or neither) from drgpy's CC/MCC lists, honouring its CC exclusions; distractors (CCs
+excluded by the principal, non-O.R. procedures, past history, ruled-out conditions); a
+MIMIC-style brief hospital course (synthetic_render.py). The label is what drgpy's v36 grouper
+returns for the codes, mapped to the v34 title with the same DRG NUMBER; numbers absent from v34
+are rejected. 43 numbers have a v36 title that differs from v34 (mostly spelling; ECMO/TIA/ankle
+wording widened in a few); the curated pools avoid the widened criteria.
+
+A case is also rejected (and redrawn) unless the grouper agrees with the reasoning written into
+its chain of thought: the base DRG is that of the principal alone, the non-O.R. procedures do not
+move it, and the severity is the one the counted CC/MCC imply. So `cot` is never wrong about the
+label. Labels follow v36 grouping logic (CC lists and exclusions of FY2019), not v34's.
+
+Output: JSONL with the MIMIC schema (records.RECORD_FIELDS) plus `codes` and `cot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import icd10
+from drgpy.msdrg import DRGEngine
+
+from recipes.drg.records import make_record, write_jsonl_atomic
+from recipes.drg.synthetic_render import (Case, Secondary, render_cot, render_course)
+from recipes.drg.synthetic_vocab import (HISTORY_MENTIONS, NON_OR_PROCEDURES, PRINCIPAL_CATEGORIES,
+                                         RULED_OUT, SECONDARY_CARE, SURGICAL_CASES)
+from recipes.drg.tables import DrgEntry, DrgTables, load_tables
+
+GROUPER_VERSION = "v36"  # the oldest MS-DRG version drgpy ships; v34 itself is not available
+MAX_TRIES = 200  # redraws per case before giving up
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    paraphrase: int  # 0-2, see synthetic_render
+    max_secondaries: int
+    excluded_cc: float  # probability of adding a CC/MCC that the principal excludes
+    non_or: float  # probability of non-O.R. procedures
+    history: float  # probability of past-history mentions
+    ruled_out: float  # probability of a ruled-out condition
+
+
+DIFFICULTY = {
+    "easy": Knobs(0, 2, 0.0, 0.0, 0.0, 0.0),
+    "medium": Knobs(1, 4, 0.3, 0.3, 0.4, 0.3),
+    "hard": Knobs(2, 6, 0.7, 0.6, 0.7, 0.7),
+}
+# Severity code wanted for the highest counted level, in order of preference (tables.py codes).
+_PREFERENCE = {"MCC": (2, 1), "CC": (1, 3), None: (0, 3)}
+
+
+@dataclass(frozen=True)
+class Principal:
+    key: str  # sampling group: ICD-10-CM prefix or "surgical:<pcs>"
+    code: str
+    procedure: str | None
+    procedure_text: str | None
+    sex: str | None
+    care: tuple[str, ...]
+    base: DrgEntry  # the grouper's DRG for the principal (and procedure) alone
+
+
+class Grouper:
+    """drgpy's grouper with the DRG number mapped to the v34 table entry."""
+
+    def __init__(self, tables: DrgTables):
+        self.engine = DRGEngine(GROUPER_VERSION)
+        self.tables = tables
+
+    def group(self, diagnoses: list[str], procedures: list[str], sex: str) -> DrgEntry | None:
+        number = int(self.engine.get_drg(diagnoses, procedures, gender=sex))
+        return self.tables.by_number.get(number)  # None: number absent from v34
+
+    def secondary(self, code: str, principal: str) -> Secondary:
+        info = self.engine.ccmap.get(code)
+        if info is None:
+            return Secondary(code, None)
+        excluded = principal in self.engine.exmap.get(info["pdx"], ())
+        return Secondary(code, info["level"], excluded)
+
+
+def regroup(codes: dict, grouper: Grouper | None = None) -> int:
+    """DRG number drgpy gives the `codes` of a synthetic record (for checking labels)."""
+    grouper = grouper or Grouper(load_tables())
+    dx = [codes["principal"], *codes["secondary"]]
+    return int(grouper.engine.get_drg(dx, codes["procedures"], gender=codes["sex"]))
+
+
+def build_principals(grouper: Grouper, only: list[str] | None = None) -> list[Principal]:
+    """Principal options whose grouping alone is stable and lands where the vocabulary expects."""
+    out = []
+    for prefix, expected, care in PRINCIPAL_CATEGORIES:
+        for code in sorted(c for c, (billable, _) in icd10.codes.items()
+                           if billable and c.startswith(prefix)):
+            if code[0] in "ST" and not code.endswith("A"):
+                continue  # injuries: initial encounter only
+            if code not in grouper.engine.dxmap or not grouper.engine.dxmap[code]:
+                continue
+            alone = {grouper.group([code], [], sex) for sex in "FM"}
+            if len(alone) == 1 and (base := alone.pop()) and base.number == expected:
+                out.append(Principal(prefix, code, None, None, None, tuple(care), base))
+    for code, pcs, text, sex in SURGICAL_CASES:
+        base = grouper.group([code], [pcs], sex or "F")
+        if base is not None and base.surgical:
+            care = ("Admitted electively for surgery",) if code[0] in "MDE" else (
+                "Surgery was consulted on admission",)
+            out.append(Principal(f"surgical:{pcs}", code, pcs, text, sex, care, base))
+    if only:
+        out = [p for p in out if any(p.code.startswith(o.replace(".", "").upper()) for o in only)]
+        if not out:
+            raise ValueError(f"no usable principal diagnosis matches {only}")
+    return out
+
+
+class Generator:
+    def __init__(self, seed: int = 0, difficulty: str = "medium", num_drgs: int | None = None,
+                 principals: list[str] | None = None, paraphrase: int | None = None,
+                 tables: DrgTables | None = None):
+        if difficulty not in DIFFICULTY:
+            raise ValueError(f"unknown difficulty {difficulty!r}; valid: {sorted(DIFFICULTY)}")
+        if paraphrase is not None and paraphrase not in (0, 1, 2):
+            raise ValueError(f"paraphrase must be 0, 1 or 2, got {paraphrase}")
+        self.tables = tables or load_tables()
+        self.grouper = Grouper(self.tables)
+        self.knobs = DIFFICULTY[difficulty]
+        self.paraphrase = self.knobs.paraphrase if paraphrase is None else paraphrase
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.levels: dict[int, list[DrgEntry]] = defaultdict(list)
+        for entry in sorted(self.tables.by_number.values(), key=lambda e: e.number):
+            self.levels[entry.base_id].append(entry)
+        self.options = self._targets(build_principals(self.grouper, principals))
+        if num_drgs is not None:
+            reachable = sorted({e.number for p in self.options for e in self.options[p].values()})
+            if not 1 <= num_drgs <= len(reachable):
+                raise ValueError(f"--drgs must be in [1, {len(reachable)}], got {num_drgs}")
+            keep = set(random.Random(seed).sample(reachable, num_drgs))
+            self.options = {p: {lvl: e for lvl, e in t.items() if e.number in keep}
+                            for p, t in self.options.items()}
+            self.options = {p: t for p, t in self.options.items() if t}
+        self.groups: dict[str, list[Principal]] = defaultdict(list)
+        for p in self.options:
+            self.groups[p.key].append(p)
+
+    def expected(self, base: DrgEntry, highest: str | None) -> DrgEntry | None:
+        levels = self.levels[base.base_id]
+        if len(levels) == 1:
+            return levels[0]
+        by_code = {e.severity: e for e in levels}
+        return next((by_code[c] for c in _PREFERENCE[highest] if c in by_code), None)
+
+    def _targets(self, principals: list[Principal]) -> dict[Principal, dict]:
+        """For each principal: reachable severity target -> the v34 entry it should give."""
+        targets = {}
+        for p in principals:
+            pools = self._pools(p)
+            reach = {}
+            for highest in (None, "CC", "MCC"):
+                if highest and not pools[highest]:
+                    continue
+                entry = self.expected(p.base, highest)
+                if entry is not None:
+                    reach[highest] = entry
+            targets[p] = reach
+        return targets
+
+    def _pools(self, p: Principal) -> dict:
+        pools = {None: [], "CC": [], "MCC": [], "excluded": []}
+        for code in SECONDARY_CARE:
+            if code[:3] == p.code[:3]:
+                continue
+            sec = self.grouper.secondary(code, p.code)
+            pools["excluded" if sec.excluded else sec.level].append(sec)
+        return pools
+
+    def sample_case(self) -> tuple[Case, Principal, DrgEntry]:
+        rng, k = self.rng, self.knobs
+        for _ in range(MAX_TRIES):
+            p = rng.choice(self.groups[rng.choice(sorted(self.groups))])
+            highest = rng.choice(sorted(self.options[p], key=str))
+            pools = self._pools(p)
+            chosen = []
+            if highest == "MCC":
+                chosen += rng.sample(pools["MCC"], 1)
+            if highest in ("MCC", "CC") and pools["CC"] and (highest == "CC" or rng.random() < .5):
+                chosen += rng.sample(pools["CC"], 1)
+            if pools["excluded"] and rng.random() < k.excluded_cc:
+                chosen += rng.sample(pools["excluded"], 1)
+            fill = max(0, rng.randint(0, k.max_secondaries) - len(chosen))
+            chosen += rng.sample(pools[None], min(fill, len(pools[None])))
+            rng.shuffle(chosen)
+            non_or = (rng.sample(sorted(NON_OR_PROCEDURES), rng.randint(1, 2))
+                      if rng.random() < k.non_or else [])
+            case = Case(p.code, chosen, p.procedure, p.procedure_text, non_or,
+                        p.sex or rng.choice("FM"),
+                        rng.sample(HISTORY_MENTIONS, rng.randint(1, 2)) if rng.random() < k.history else [],
+                        rng.sample(RULED_OUT, 1) if rng.random() < k.ruled_out else [])
+            final = self._check(case, p, highest)
+            if final is not None:
+                return case, p, final
+        raise RuntimeError(f"no consistent case after {MAX_TRIES} draws; widen the label space")
+
+    def _check(self, case: Case, p: Principal, highest: str | None) -> DrgEntry | None:
+        """The grouper's label, or None when it disagrees with the reasoning the CoT will state."""
+        dx = [case.principal] + [s.code for s in case.secondaries]
+        surgery = [case.procedure] if case.procedure else []
+        final = self.grouper.group(dx, surgery + case.non_or, case.sex)
+        if final is None or final != self.options[p].get(highest):
+            return None
+        if case.non_or and self.grouper.group(dx, surgery, case.sex) != final:
+            return None
+        return final
+
+    def generate(self, n: int) -> list[dict]:
+        rows = []
+        for i in range(n):
+            case, p, final = self.sample_case()
+            text = render_course(case, self.rng.choice(p.care), self.paraphrase, self.rng)
+            codes = {"principal": case.principal, "secondary": [s.code for s in case.secondaries],
+                     "procedures": ([case.procedure] if case.procedure else []) + case.non_or,
+                     "sex": case.sex, "grouper": f"drgpy {GROUPER_VERSION}"}
+            cot = render_cot(case, p.base, final, self.levels[final.base_id])
+            rows.append(make_record(f"synth-{self.seed}-{i:06d}", 90_000_000 + i, text,
+                                    final.description, self.tables, codes=codes, cot=cot))
+        return rows
+
+
+def generate(n: int, seed: int = 0, difficulty: str = "medium", num_drgs: int | None = None,
+             principals: list[str] | None = None, paraphrase: int | None = None) -> list[dict]:
+    """n synthetic records (same seed and knobs -> identical records)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return Generator(seed, difficulty, num_drgs, principals, paraphrase).generate(n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTY), default="medium")
+    parser.add_argument("--drgs", type=int, default=None, help="restrict to K distinct DRGs")
+    parser.add_argument("--principals", default=None,
+                        help="comma-separated ICD-10-CM codes or prefixes to draw principals from")
+    parser.add_argument("--paraphrase", type=int, choices=(0, 1, 2), default=None)
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.principals.split(",")] if args.principals else None
+    try:
+        rows = generate(args.n, args.seed, args.difficulty, args.drgs, only, args.paraphrase)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    write_jsonl_atomic(args.out, rows)
+    drgs = len({r["drg"] for r in rows})
+    print(f"wrote {len(rows)} cases over {drgs} distinct v34 DRGs to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
