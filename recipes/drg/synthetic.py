@@ -23,6 +23,7 @@ Output: JSONL with the MIMIC schema (records.RECORD_FIELDS) plus `codes` and `co
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 from collections import defaultdict
@@ -76,8 +77,9 @@ class Grouper:
     """drgpy's grouper with the DRG number mapped to the v34 table entry."""
 
     def __init__(self, tables: DrgTables):
-        self.engine = DRGEngine(GROUPER_VERSION)
+        self.engine = _engine()
         self.tables = tables
+        self.principal_pool: list[Principal] | None = None  # filled by build_principals
 
     def group(self, diagnoses: list[str], procedures: list[str], sex: str) -> DrgEntry | None:
         number = int(self.engine.get_drg(diagnoses, procedures, gender=sex))
@@ -91,15 +93,36 @@ class Grouper:
         return Secondary(code, info["level"], excluded)
 
 
+@functools.lru_cache(maxsize=1)
+def _engine() -> DRGEngine:
+    return DRGEngine(GROUPER_VERSION)  # ~1 s to load; shared read-only by every Grouper
+
+
+@functools.lru_cache(maxsize=1)
+def default_grouper() -> Grouper:
+    return Grouper(load_tables())
+
+
 def regroup(codes: dict, grouper: Grouper | None = None) -> int:
     """DRG number drgpy gives the `codes` of a synthetic record (for checking labels)."""
-    grouper = grouper or Grouper(load_tables())
+    grouper = grouper or default_grouper()
     dx = [codes["principal"], *codes["secondary"]]
     return int(grouper.engine.get_drg(dx, codes["procedures"], gender=codes["sex"]))
 
 
 def build_principals(grouper: Grouper, only: list[str] | None = None) -> list[Principal]:
     """Principal options whose grouping alone is stable and lands where the vocabulary expects."""
+    if grouper.principal_pool is None:
+        grouper.principal_pool = _principal_pool(grouper)
+    out = grouper.principal_pool
+    if only:
+        out = [p for p in out if any(p.code.startswith(o.replace(".", "").upper()) for o in only)]
+        if not out:
+            raise ValueError(f"no usable principal diagnosis matches {only}")
+    return out
+
+
+def _principal_pool(grouper: Grouper) -> list[Principal]:
     out = []
     for prefix, expected, care in PRINCIPAL_CATEGORIES:
         for code in sorted(c for c, (billable, _) in icd10.codes.items()
@@ -117,10 +140,6 @@ def build_principals(grouper: Grouper, only: list[str] | None = None) -> list[Pr
             care = ("Admitted electively for surgery",) if code[0] in "MDE" else (
                 "Surgery was consulted on admission",)
             out.append(Principal(f"surgical:{pcs}", code, pcs, text, sex, care, base))
-    if only:
-        out = [p for p in out if any(p.code.startswith(o.replace(".", "").upper()) for o in only)]
-        if not out:
-            raise ValueError(f"no usable principal diagnosis matches {only}")
     return out
 
 
@@ -132,8 +151,8 @@ class Generator:
             raise ValueError(f"unknown difficulty {difficulty!r}; valid: {sorted(DIFFICULTY)}")
         if paraphrase is not None and paraphrase not in (0, 1, 2):
             raise ValueError(f"paraphrase must be 0, 1 or 2, got {paraphrase}")
-        self.tables = tables or load_tables()
-        self.grouper = Grouper(self.tables)
+        self.grouper = Grouper(tables) if tables is not None else default_grouper()
+        self.tables = self.grouper.tables
         self.knobs = DIFFICULTY[difficulty]
         self.paraphrase = self.knobs.paraphrase if paraphrase is None else paraphrase
         self.seed = seed
