@@ -229,3 +229,9 @@ def test_reward_object_is_reusable():
     fn = DrgReward("strict")
     assert fn([done(HF_MCC)], [{"solution": HF_MCC}])[0] == [2.0]
     assert fn([done(HF_CC)], [{"solution": HF_MCC}])[0] == [0.0]
+
+
+def test_cot_first_penalty_in_compat_mode():
+    think = f"{HF_MCC} is my first guess."
+    total, comp = score("strict", done(HF_MCC, think), HF_MCC, compat=True, cot_first_penalty=-1.0)
+    assert comp["cot_penalty"] == -1.0 and total == 1.0

@@ -16,7 +16,8 @@
   tested as "gold is a substring of the answer" (24 wrong pairs score 2.0), and principal/status
   from the first whole-word WITH/WITHOUT, each tested as a substring of the answer.
 - CoT-first penalty (PAPER.md "Training", ablations): a v34 title inside the first 50
-  whitespace tokens of the think block adds `cot_first_penalty` (<= 0; 0 disables it).
+  whitespace tokens of the think block adds `cot_first_penalty` (<= 0; 0, the default, disables
+  it; the paper gives no value, SUGGESTED_COT_FIRST_PENALTY = -1.0 is this recipe's choice).
 
 Components reported per completion: format, accuracy, cot_penalty and correct (1.0 iff the
 answer is exactly the gold title, in compat mode too, so accuracy reports stay honest).
@@ -33,6 +34,7 @@ FORMAT_FAIL = -2.0
 INVALID_ANSWER = -1.5
 EXACT = 2.0
 COT_WINDOW_TOKENS = 50
+SUGGESTED_COT_FIRST_PENALTY = -1.0
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _FORMAT = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>\s*", re.DOTALL)
@@ -118,7 +120,8 @@ class DrgReward:
             if not _REFERENCE_FORMAT.fullmatch(completion):
                 return _scores(FORMAT_FAIL, 0.0, 0.0, False)
             found = _REFERENCE_ANSWER.search(completion)
-            think, answer = completion.split("</think>", 1)[0], normalize(found.group(1))
+            think = completion.split("</think>", 1)[0].split("<think>", 1)[-1]
+            answer = normalize(found.group(1))
         else:
             parsed = parse_completion(completion)
             if parsed is None:
