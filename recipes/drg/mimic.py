@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import hashlib
 import json
 import sys
 from collections import Counter
@@ -127,7 +128,7 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
     cases: list[dict] = []
     lines: list[int] = []
     methods: list[str] = []
-    seen_courses: set[str] = set()
+    seen_courses: set[bytes] = set()  # digests of whitespace-normalised courses
     for line, row, problem in iter_rows(discharge, NOTE_COLUMNS):
         if row is None or not row["hadm_id"].strip().isdigit() or not row["note_id"].strip():
             drop("discharge", note_counts, "malformed_row", line, row and row["note_id"],
@@ -145,7 +146,7 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
         if words <= MIN_WORDS:
             drop("discharge", note_counts, "course_too_short", line, note_id, f"{words} words")
             continue
-        key = " ".join(course.split())
+        key = hashlib.sha1(" ".join(course.split()).encode()).digest()
         if key in seen_courses:
             drop("discharge", note_counts, "duplicate_course", line, note_id)
             continue
