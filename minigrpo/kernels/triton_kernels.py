@@ -29,9 +29,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _mm(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST only under the interpreter, whose tl.dot multiplies the
+    raw uint16 bits of bf16; fp32 products of bf16 values are exact, so upcasting
+    reproduces what the tensor cores compute."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _to_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 tile -> tensor-core operand dtype, rounding to nearest even.
+
+    The interpreter's fp32->bf16 cast truncates (GPUs round), which would make
+    interpreter numerics worse than real ones; round the bits by hand there.
+    """
+    if UPCAST and DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536   # RTNE to the top 16 bits
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _dot_rows(A, offs_a, mask_a, sa_r, sa_k, B, offs_b, mask_b, sb_r, sb_k, K,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """A[offs_a, :] @ B[offs_b, :]^T over K in BLOCK_K steps, fp32 accumulator."""
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -42,7 +67,7 @@ def _dot_rows(A, offs_a, mask_a, sa_r, sa_k, B, offs_b, mask_b, sb_r, sb_k, K,
         # B loaded already transposed via strides, so no tl.trans is needed.
         b = tl.load(B + offs_k[:, None] * sb_k + offs_b[None, :] * sb_r,
                     mask=mask_k[:, None] & mask_b[None, :], other=0.0)     # (K, B)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mm(a, b, acc, PRECISION, UPCAST)
     return acc
 
 
@@ -50,7 +75,7 @@ def _dot_rows(A, offs_a, mask_a, sa_r, sa_k, B, offs_b, mask_b, sb_r, sb_k, K,
 def _fwd_kernel(H, W, TGT, LOGP, ENT, LSE, N, V, HD,
                 s_hn, s_hk, s_wv, s_wk, inv_t,
                 WANT_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
@@ -62,7 +87,7 @@ def _fwd_kernel(H, W, TGT, LOGP, ENT, LSE, N, V, HD,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _dot_rows(H, offs_n, mask_n, s_hn, s_hk, W, offs_v, mask_v, s_wv, s_wk, HD,
-                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION) * inv_t        # (BN, BV)
+                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST) * inv_t        # (BN, BV)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         z_y += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))   # finite: every tile has a valid column
@@ -108,7 +133,7 @@ def _dz_tile(z, lse, ent, gl, ge, tgt, offs_v, mask_v, inv_t, AX: tl.constexpr,
 def _bwd_dh_kernel(H, W, TGT, LSE, ENT, GL, GE, DH, N, V, HD,
                    s_hn, s_hk, s_wv, s_wk, inv_t,
                    HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
@@ -120,9 +145,9 @@ def _bwd_dh_kernel(H, W, TGT, LSE, ENT, GL, GE, DH, N, V, HD,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _dot_rows(H, offs_n, mask_n, s_hn, s_hk, W, offs_v, mask_v, s_wv, s_wk, HD,
-                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION) * inv_t        # (BN, BV)
+                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST) * inv_t        # (BN, BV)
         dz = _dz_tile(z, lse, ent, gl, ge, tgt, offs_v, mask_v, inv_t, 1, HAS_ENT)
-        dz = dz.to(W.dtype.element_ty)   # tensor-core input; accumulation stays fp32
+        dz = _to_operand(dz, W.dtype.element_ty, UPCAST)   # tensor-core input; acc stays fp32
         for k0 in range(0, HD, BLOCK_H):
             offs_k = k0 + tl.arange(0, BLOCK_H)
             mask_k = offs_k < HD
@@ -131,7 +156,7 @@ def _bwd_dh_kernel(H, W, TGT, LSE, ENT, GL, GE, DH, N, V, HD,
             ptrs = DH + offs_n[:, None] * HD + offs_k[None, :]
             msk = mask_n[:, None] & mask_k[None, :]
             acc = tl.load(ptrs, mask=msk, other=0.0)
-            acc = tl.dot(dz, w, acc, input_precision=PRECISION)            # (BN, BH)
+            acc = _mm(dz, w, acc, PRECISION, UPCAST)           # (BN, BH)
             tl.store(ptrs, acc, mask=msk)
 
 
@@ -139,7 +164,7 @@ def _bwd_dh_kernel(H, W, TGT, LSE, ENT, GL, GE, DH, N, V, HD,
 def _bwd_dw_kernel(H, W, TGT, LSE, ENT, GL, GE, DW, N, V, HD,
                    s_hn, s_hk, s_wv, s_wk, inv_t,
                    HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
     for n0 in range(0, N, BLOCK_N):
@@ -152,9 +177,9 @@ def _bwd_dw_kernel(H, W, TGT, LSE, ENT, GL, GE, DW, N, V, HD,
         ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)
         # Transposed logits tile W[tile] @ h^T, so dz^T comes out without tl.trans.
         zt = _dot_rows(W, offs_v, mask_v, s_wv, s_wk, H, offs_n, mask_n, s_hn, s_hk, HD,
-                       BLOCK_V, BLOCK_N, BLOCK_H, PRECISION) * inv_t       # (BV, BN)
+                       BLOCK_V, BLOCK_N, BLOCK_H, PRECISION, UPCAST) * inv_t       # (BV, BN)
         dzt = _dz_tile(zt, lse, ent, gl, ge, tgt, offs_v, mask_v, inv_t, 0, HAS_ENT)
-        dzt = dzt.to(H.dtype.element_ty)
+        dzt = _to_operand(dzt, H.dtype.element_ty, UPCAST)
         for k0 in range(0, HD, BLOCK_H):
             offs_k = k0 + tl.arange(0, BLOCK_H)
             mask_k = offs_k < HD
@@ -163,7 +188,7 @@ def _bwd_dw_kernel(H, W, TGT, LSE, ENT, GL, GE, DW, N, V, HD,
             ptrs = DW + offs_v[:, None] * HD + offs_k[None, :]
             msk = mask_v[:, None] & mask_k[None, :]
             acc = tl.load(ptrs, mask=msk, other=0.0)
-            acc = tl.dot(dzt, h, acc, input_precision=PRECISION)           # (BV, BH)
+            acc = _mm(dzt, h, acc, PRECISION, UPCAST)          # (BV, BH)
             tl.store(ptrs, acc, mask=msk)
 
 
@@ -173,8 +198,12 @@ GPU_BLOCKS = (64, 128, 64, 8)
 INTERP_BLOCKS = (16, 32, 16, 1)
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _blocks(t: torch.Tensor):
-    if os.environ.get("TRITON_INTERPRET") == "1" or not t.is_cuda:
+    if _interpreted() or not t.is_cuda:
         return INTERP_BLOCKS
     return GPU_BLOCKS
 
@@ -208,7 +237,7 @@ class TritonLogprobs(torch.autograd.Function):
             _fwd_kernel[(triton.cdiv(n_rows, bn),)](
                 hidden, weight, tgt, logp, ent, lse, *_launch_args(hidden, weight), inv_t,
                 WANT_ENT=want_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                PRECISION=_precision(hidden.dtype), num_warps=nw)
+                PRECISION=_precision(hidden.dtype), UPCAST=_interpreted(), num_warps=nw)
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         logp = torch.where(valid, logp, zero)
         ent = torch.where(valid, ent, zero) if want_ent else None
@@ -233,7 +262,7 @@ class TritonLogprobs(torch.autograd.Function):
         n_rows, vocab, hd = hidden.shape[0], weight.shape[0], hidden.shape[1]
         args = _launch_args(hidden, weight)
         meta = dict(HAS_ENT=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                    PRECISION=_precision(hidden.dtype), num_warps=nw)
+                    PRECISION=_precision(hidden.dtype), UPCAST=_interpreted(), num_warps=nw)
         grad_h = grad_w = None
         if need_h:
             dh = torch.zeros(n_rows, hd, dtype=torch.float32, device=hidden.device)
