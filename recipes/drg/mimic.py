@@ -171,7 +171,7 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
     outputs = {"train.jsonl": train, "test.jsonl": test}
     train_labels = [c["drg"] for c in train]
     for share in SFT_SHARES:
-        sft_idx, grpo_idx = stratified_split(train_labels, 1 - share / 100, seed)
+        sft_idx, grpo_idx = stratified_split(train_labels, (100 - share) / 100, seed)
         outputs[f"splits/sft{share}_sft.jsonl"] = [train[i] for i in sft_idx]
         outputs[f"splits/sft{share}_grpo.jsonl"] = [train[i] for i in grpo_idx]
     _, small_idx = stratified_split(train_labels, SMALL_FRACTION, seed)

@@ -91,7 +91,7 @@ def stratified_split(labels: Sequence, fraction: float, seed: int) -> tuple[list
         groups[label].append(i)
     keys = sorted(groups, key=str)
     rng.shuffle(keys)
-    want = math.ceil(fraction * len(labels))
+    want = math.ceil(round(fraction * len(labels), 6))  # round: 0.05 * 18000 is 900, not 901
     take = {k: math.floor(fraction * len(groups[k])) for k in keys}
     by_remainder = sorted(keys, key=lambda k: -(fraction * len(groups[k]) - take[k]))
     for k in by_remainder:
