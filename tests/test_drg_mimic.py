@@ -174,3 +174,8 @@ def test_stratified_split_counts():
     assert stratified_split(labels, 0.1, seed=42) == (rest, part)
     for label in "abcd":
         assert any(labels[i] == label for i in rest)  # never all of a label
+
+
+def test_split_size_has_no_float_overshoot():
+    labels = [i % 4 for i in range(18000)]
+    assert len(stratified_split(labels, 1 - 95 / 100, seed=42)[1]) == 900  # 0.05 * 18000
