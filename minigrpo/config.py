@@ -116,16 +116,50 @@ class LossConfig:
 
 
 @dataclass(slots=True)
+class GRPOConfig:
+    prompts_per_step: int = 8  # over all ranks
+    updates_per_batch: int = 1  # 1 = strictly on-policy (ratio 1); > 1 reuses the batch with clipping
+    max_prompt_tokens: int = 1024
+    over_long_prompts: Literal["truncate", "reject"] = "truncate"  # truncate = keep the last tokens, with a warning
+    # Dynamic resampling (DRG-Sapphire): regenerate groups with reward std < resample_min_std.
+    dynamic_resampling: Literal["off", "std", "positive"] = "off"
+    resample_attempts: int = 12
+    resample_temperatures: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9, 1.0])
+    resample_min_std: float = 0.1
+    resample_positive_threshold: float = 0.0  # "positive": one reward must exceed this
+    # DAPO dynamic sampling: drop zero-variance groups and refill from new prompts.
+    filter_zero_variance: bool = False
+    filter_max_rounds: int = 4
+    # Static curriculum from a previous run's prompt_records.jsonl.
+    curriculum: Literal["none", "remove_easy", "remove_hard", "remove_both", "easy_to_hard"] = "none"
+    curriculum_records: str = ""
+
+    def __post_init__(self) -> None:
+        check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
+        check(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
+        check(self.max_prompt_tokens >= 1, "grpo.max_prompt_tokens", "must be >= 1")
+        check(self.resample_attempts >= 1, "grpo.resample_attempts", "must be >= 1")
+        check(len(self.resample_temperatures) > 0 and all(t > 0 for t in self.resample_temperatures), "grpo.resample_temperatures", "must be a non-empty list of positive temperatures")
+        check(self.resample_min_std >= 0, "grpo.resample_min_std", "must be >= 0")
+        check(self.filter_max_rounds >= 0, "grpo.filter_max_rounds", "must be >= 0")
+        check(self.curriculum == "none" or bool(self.curriculum_records), "grpo.curriculum_records", f"curriculum={self.curriculum!r} needs the records file of a previous run")
+
+
+@dataclass(slots=True)
 class RunConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
     steps: int = 10  # optimizer steps (0 = one pass over the data, where the loop supports it)
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
+    keep_last: int = 0  # keep only the newest K checkpoints (0 = all)
     resume: bool = False
+    report_to: str = ""  # "", "tensorboard", "wandb" or both, comma-separated (used only when installed)
+    log_completions: bool = False  # completions can hold patient text: written only when asked
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "run.steps", "must be >= 0")
+        check(self.keep_last >= 0, "run.keep_last", "must be >= 0")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
         check(self.save_every >= 0, "run.save_every", "must be >= 0")
 
@@ -200,15 +234,26 @@ def _build(cls: type[T], values: dict, prefix: str = "") -> T:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """['--optim.lr=1e-5', '--run.seed=3'] -> {'optim': {'lr': '1e-5'}, 'run': {'seed': '3'}}.
+    """['--optim.lr=1e-5', '--run.seed', '3'] -> {'optim': {'lr': '1e-5'}, 'run': {'seed': '3'}}.
 
-    Values stay strings; `_convert` types them from the field they land on.
+    Both `--a.b=value` and `--a.b value` are accepted. Values stay strings; `_convert` types them
+    from the field they land on.
     """
     tree: dict = {}
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item:
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) < 3:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
-        path, value = item[2:].split("=", 1)
+        if "=" in item:
+            path, value = item[2:].split("=", 1)
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            path, value = item[2:], items[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {item!r} has no value (use --section.key=value)")
+        i += 1
         node = tree
         *parents, leaf = path.split(".")
         for p in parents:

@@ -34,6 +34,7 @@ def test_yaml_then_overrides(tmp_path):
         (["--rollout.samples_per_prompt=2.5"], "rollout.samples_per_prompt"),
         (["--loss.dual_clip=0.5"], "loss.dual_clip"),
         (["optim.lr=1"], "optim.lr=1"),
+        (["--optim.lr"], "optim.lr"),
     ],
 )
 def test_errors_name_the_key(overrides, named):

@@ -1,0 +1,124 @@
+"""Generate and score groups of completions, with dynamic resampling and DAPO-style filtering.
+
+A group is one prompt's G completions and their rewards. Two ways of avoiding groups that carry no
+signal (equal rewards -> zero advantage):
+- dynamic resampling (DRG-Sapphire): regenerate a group whose reward std is below a threshold, up to
+  K times, each time at a temperature drawn from a list; the "positive" variant also requires one
+  reward above a threshold. The check is made on the *new* rewards each attempt.
+- filtering (DAPO, Yu et al. 2025, "dynamic sampling"): drop zero-variance groups and draw more
+  prompts until the batch is full again (bounded number of rounds).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Sequence
+
+from minigrpo.prompt_data import Prompt
+
+RewardFn = Callable[[list[str], list[dict]], tuple[list[float], dict[str, list[float]]]]
+
+
+@dataclass(slots=True)
+class Group:
+    prompt: Prompt
+    completions: list  # list[rollout.Completion], G of them
+    texts: list[str]
+    rewards: list[float]
+    components: dict[str, list[float]]
+    temperature: float
+    attempts: int = 1
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.rewards) if len(self.rewards) > 1 else 0.0
+
+    @property
+    def zero_variance(self) -> bool:
+        return all(r == self.rewards[0] for r in self.rewards)
+
+
+@dataclass(slots=True)
+class GroupSource:
+    """Everything needed to turn prompts into scored groups."""
+
+    engine: object  # a rollout engine: generate(prompt_ids, n, sampling) -> [[Completion]]
+    decode: Callable[[list[int]], str]
+    reward_fn: RewardFn
+    sampling: object  # rollout.SamplingParams at the run's temperature
+    n: int  # samples per prompt
+    seed: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def generate(self, prompts: Sequence[Prompt], temperature: float | None = None, seed_offset: int = 0) -> list[Group]:
+        sampling = self.sampling
+        if temperature is not None:
+            sampling = replace(sampling, temperature=temperature)
+        if getattr(sampling, "seed", None) is not None:
+            sampling = replace(sampling, seed=sampling.seed + seed_offset)
+        outs = self.engine.generate([p.ids for p in prompts], self.n, sampling)  # [P][G]
+        texts = [[self.decode(c.token_ids) for c in group] for group in outs]
+        flat_texts = [t for g in texts for t in g]
+        flat_meta = [p.metadata for p in prompts for _ in range(self.n)]
+        rewards, components = self.reward_fn(flat_texts, flat_meta)
+        if len(rewards) != len(flat_texts):
+            raise ValueError(f"reward function returned {len(rewards)} rewards for {len(flat_texts)} completions")
+        groups = []
+        for i, p in enumerate(prompts):
+            sl = slice(i * self.n, (i + 1) * self.n)
+            comps = {k: [float(x) for x in v[sl]] for k, v in components.items()}
+            groups.append(Group(p, outs[i], texts[i], [float(r) for r in rewards[sl]], comps, sampling.temperature))
+        return groups
+
+
+def needs_resample(group: Group, mode: Literal["std", "positive"], min_std: float, positive_threshold: float) -> bool:
+    if group.std < min_std:
+        return True
+    return mode == "positive" and not any(r > positive_threshold for r in group.rewards)
+
+
+def resample_groups(
+    source: GroupSource,
+    groups: list[Group],
+    mode: Literal["std", "positive"],
+    attempts: int,
+    temperatures: Sequence[float],
+    min_std: float,
+    positive_threshold: float,
+    rng: random.Random,
+) -> list[Group]:
+    """Regenerate failing groups up to `attempts` times; each attempt is judged on its own rewards.
+
+    A group that never passes keeps its last attempt. `Group.attempts` counts generations.
+    """
+    groups = list(groups)
+    for attempt in range(1, attempts + 1):
+        failing = [i for i, g in enumerate(groups) if needs_resample(g, mode, min_std, positive_threshold)]
+        if not failing:
+            break
+        temperature = rng.choice(list(temperatures))
+        fresh = source.generate([groups[i].prompt for i in failing], temperature=temperature, seed_offset=attempt * 7919)
+        for i, g in zip(failing, fresh):
+            g.attempts = groups[i].attempts + 1
+            groups[i] = g
+    return groups
+
+
+def fill_with_signal(source: GroupSource, first: list[Group], draw: Callable[[int], list[Prompt]], want: int, max_rounds: int) -> tuple[list[Group], int]:
+    """DAPO dynamic sampling: keep groups with reward variance, draw more prompts until `want` are kept.
+
+    Returns (kept groups, number of zero-variance groups dropped). Stops after `max_rounds` extra
+    generation rounds even if the batch is not full (then the step trains on fewer groups).
+    """
+    kept = [g for g in first if not g.zero_variance]
+    dropped = len(first) - len(kept)
+    for round_ in range(1, max_rounds + 1):
+        if len(kept) >= want:
+            break
+        fresh = source.generate(draw(want - len(kept)), seed_offset=round_ * 104729)
+        good = [g for g in fresh if not g.zero_variance]
+        dropped += len(fresh) - len(good)
+        kept.extend(good)
+    return kept[:want], dropped
