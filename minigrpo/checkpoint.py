@@ -1,0 +1,273 @@
+"""Resumable checkpoints (sharded model + optimizer via DCP, step, RNG, data cursor, config) and HF export.
+
+Layout of `run_dir/checkpoints/`:
+    step_000020/            one complete checkpoint
+        model_optim/        torch.distributed.checkpoint (DCP) files, one shard file per rank
+        rng/rank_00000.json python / numpy / torch CPU / CUDA RNG states of each rank
+        meta.json           step, trainer state (data cursor, ...), config
+        manifest.json       size + sha256 of every file above, written last
+    latest                  name of the newest complete checkpoint, written after the rename
+
+Atomicity: everything is written into `step_000020.tmp/`, the manifest last, then the folder is
+renamed and `latest` is replaced (both atomic renames). A crash leaves at most a `.tmp` folder,
+which is never loaded. Loading verifies every file against the manifest first, so a checkpoint
+truncated or corrupted on disk fails with an error naming the file instead of loading garbage.
+
+No pickles: RNG states and metadata are JSON; DCP's metadata file is written and read by torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from minigrpo.dist import all_ok, barrier, broadcast_object, rank
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state: dict[str, Any] = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write_json_atomic(folder / MANIFEST, {"files": entries})
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete checkpoint: the save did not finish)")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable ({e})") from None
+    for rel, want in entries.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, expected {want['bytes']} (truncated or corrupted checkpoint)")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: sha256 mismatch (corrupted checkpoint)")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict | None = None, config: dict | None = None, keep_last: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final folder. `state` must be JSON-able."""
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
+    _write_json_atomic(tmp / "rng" / f"rank_{rank():05d}.json", rng_state())
+    barrier()  # every rank's shard and RNG file is on disk before the manifest describes them
+    if rank() == 0:
+        _write_json_atomic(tmp / "meta.json", {"step": step, "state": state or {}, "config": config or {}})
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / (LATEST + ".tmp")).write_text(final.name)
+        os.replace(root / (LATEST + ".tmp"), root / LATEST)
+        if keep_last > 0:
+            done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names, or None when the folder has none."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Collective. Verify, then restore model, optimizer and this rank's RNG; return meta.json.
+
+    Every rank raises the same CheckpointError when rank 0 finds the checkpoint damaged.
+    """
+    path = Path(path)
+    problem = None
+    if rank() == 0:
+        try:
+            verify_manifest(path)
+        except CheckpointError as e:
+            problem = str(e)
+    problem = broadcast_object(problem)
+    if problem:
+        raise CheckpointError(problem)
+    rng_file = path / "rng" / f"rank_{rank():05d}.json"
+    problem = all_ok(rng_file.is_file(), f"{rng_file}: missing (checkpoint saved with a different number of ranks?)")
+    if problem:
+        raise CheckpointError(problem)
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    to_load = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+    dcp.load(to_load, checkpoint_id=str(path / "model_optim"))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_sd, optim_state_dict=optim_sd if optimizer is not None else {})
+    set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------- HF export
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """Collective. Write a `save_pretrained`-style folder (safetensors, config, generation config,
+    tokenizer) that `AutoModelForCausalLM.from_pretrained` and vLLM load unchanged.
+
+    Weights are gathered one tensor at a time (`iter_full_state_dict`); rank 0 keeps at most one
+    shard (`max_shard_bytes`) in CPU memory before writing it. The folder appears atomically.
+    """
+    from safetensors.torch import save_file
+
+    from minigrpo.parallel import iter_full_state_dict
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    main = rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    lm = getattr(model, "lm", model)
+    shards: list[dict[str, str]] = []  # per written shard: name -> file
+    buffer: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal buffer, size
+        if buffer:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(buffer, str(tmp / name), metadata={"format": "pt"})
+            shards.append(dict.fromkeys(buffer, name))
+        buffer, size = {}, 0
+
+    total = 0
+    for name, tensor in iter_full_state_dict(model, dtype=dtype, include_tied=False):
+        if not main:
+            continue  # other ranks only take part in the gathers
+        buffer[name] = tensor.detach().to("cpu").contiguous()
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if size >= max_shard_bytes:
+            flush()
+    if main:
+        flush()
+        _name_shards(tmp, shards, total)
+        config = copy.deepcopy(lm.config)  # do not touch the live model's config
+        config.use_cache = True  # activation checkpointing turns it off for training
+        config.dtype = dtype or next(iter(lm.parameters())).dtype
+        config.save_pretrained(tmp)
+        if getattr(lm, "generation_config", None) is not None:
+            lm.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def _name_shards(folder: Path, shards: list[dict[str, str]], total_bytes: int) -> None:
+    """One shard -> `model.safetensors`; several -> `model-0000i-of-0000n.safetensors` + index."""
+    n = len(shards)
+    if n == 1:
+        (name,) = set(shards[0].values())
+        os.replace(folder / name, folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(folder / f"model-{i:05d}.safetensors", folder / final)
+        weight_map.update(dict.fromkeys(shard, final))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,160 @@
+"""FSDP2 sharding of a `LogprobModel`, the frozen reference, and full-state-dict streaming.
+
+    dist_info = init_distributed()
+    policy = shard_model(LogprobModel(load_model(path)), cfg.parallel, dist_info)          # trainable
+    ref = shard_reference(LogprobModel(load_model(path)), cfg.parallel, dist_info)         # frozen
+    for name, tensor in iter_full_state_dict(policy): ...                                  # HF names
+
+Layout: `fully_shard` on every decoder layer (`lm.model.layers[i]`), then on the wrapper as the
+root, so the root's forward unshards embeddings, final norm and the (tied) output weight that the
+fused log-prob kernel reads directly (they are not used through their modules' forwards).
+
+Gradient reduction: FSDP2 averages gradients over ranks by default. Our losses are already
+normalised by the *global* token count (see batch.py), so the ranks' gradients must be summed, not
+averaged: the divide factor is set to 1 and comms are forced to plain SUM (gloo has no AVG or
+PREMUL_SUM; on NCCL plain SUM is also the zero-copy path).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from minigrpo.config import ParallelConfig
+from minigrpo.dist import DistInfo
+
+WRAPPER_PREFIX = "lm."  # LogprobModel keeps the HF model as `.lm`
+
+
+def build_mesh(info: DistInfo) -> DeviceMesh:
+    """A 1-D data-parallel mesh over all ranks (FSDP shards parameters along it)."""
+    return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+
+
+def mixed_precision_policy(cfg: ParallelConfig, info: DistInfo) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 master weights and fp32 gradient reduction on CUDA; fp32 on CPU.
+
+    CPU runs stay fp32 so that they can be compared with single-process runs to float32 tolerance.
+    """
+    if cfg.mixed_precision and info.device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF decoder wrapped in `LogprobModel` (`.lm.model.layers`)."""
+    lm = getattr(model, "lm", model)
+    body = getattr(lm, "model", None)
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(lm).__name__}: expected decoder layers at .model.layers")
+    return list(layers)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    Uses HF's own per-layer checkpointing (non-reentrant), which keeps parameter names unchanged
+    (a torch `checkpoint_wrapper` would insert `_checkpoint_wrapped_module.` into every name).
+    The layer's FSDP pre-forward hook runs inside the checkpointed call, so the recompute unshards
+    the layer again, as it must.
+    """
+    lm = getattr(model, "lm", model)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+
+
+def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None) -> nn.Module:
+    mesh = mesh or build_mesh(info)
+    mp = mixed_precision_policy(cfg, info)
+    model.to(info.device)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at the start of backward: keep them gathered.
+        reshard = cfg.reshard_after_forward and i < len(layers) - 1
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    assert isinstance(model, FSDPModule)
+    for module in [*layers, model]:
+        module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is globally normalised
+        module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def shard_model(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None = None, activation_checkpointing: bool | None = None) -> nn.Module:
+    """Shard a trainable `LogprobModel` in place (fp32 master weights) and put it in train mode.
+
+    `activation_checkpointing` overrides `cfg.activation_checkpointing` (e.g. from
+    `ModelConfig.gradient_checkpointing`).
+    """
+    model.float()  # master weights in fp32 even if the checkpoint was bf16; compute dtype is the MP policy's
+    if cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model = _shard(model, cfg, info, mesh)
+    model.train()
+    return model
+
+
+def shard_reference(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None = None) -> nn.Module:
+    """Shard a frozen reference `LogprobModel`: no grads, eval mode, no optimizer state.
+
+    Call its forward under `torch.no_grad()`. On CUDA with mixed precision the sharded copy is kept
+    in bf16 (it is never updated, so fp32 master weights buy nothing and cost twice the memory).
+    """
+    model.requires_grad_(False)
+    if cfg.mixed_precision and info.device.type == "cuda":
+        model.to(torch.bfloat16)
+    model = _shard(model, cfg, info, mesh)
+    model.eval()
+    return model
+
+
+def hf_name(name: str) -> str:
+    """`lm.model.layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`."""
+    return name[len(WRAPPER_PREFIX) :] if name.startswith(WRAPPER_PREFIX) else name
+
+
+def _tied_output_name(model: nn.Module) -> str | None:
+    """`lm_head.weight` when the output embedding is tied to the input embedding, else None."""
+    lm = getattr(model, "lm", model)
+    out = lm.get_output_embeddings()
+    if out is None or out.weight is not lm.get_input_embeddings().weight:
+        return None
+    for name, module in lm.named_modules():
+        if module is out:
+            return f"{name}.weight"
+    return None
+
+
+@torch.no_grad()
+def iter_full_state_dict(model: nn.Module, dtype: torch.dtype | None = None, include_tied: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) one parameter at a time, gathered on every rank.
+
+    A collective: every rank must consume the whole iterator in the same order. Only one full
+    tensor exists at a time per rank (the previous one is released once the consumer drops it).
+    Tied output embeddings are yielded under `lm_head.weight` too when `include_tied` (a vLLM weight
+    load wants it); HF exports pass include_tied=False, as `save_pretrained` does.
+    """
+    tied = _tied_output_name(model)
+    seen: set[str] = set()
+    # state_dict() is references to the local shards (no copy); persistent buffers included.
+    for name, tensor in model.state_dict().items():
+        name = hf_name(name)
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == tied and not include_tied:
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name, (full.to(dtype) if dtype is not None else full)
+    if tied is not None and include_tied and tied not in seen:
+        # nn.Module.state_dict() already lists both names of a tied weight; this is a safety net
+        # for models whose state_dict drops the duplicate.
+        weight = getattr(model, "lm", model).get_output_embeddings().weight
+        full = weight.full_tensor() if isinstance(weight, DTensor) else weight
+        yield tied, (full.to(dtype) if dtype is not None else full)

@@ -1,0 +1,96 @@
+"""The sharded engine: 2 gloo ranks match 1 process (losses, grad norms, weights), streaming names."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from launch import run  # noqa: E402
+
+from minigrpo.config import OptimConfig  # noqa: E402
+from minigrpo.optim import clip_grad_norm_, grad_norm, lr_at  # noqa: E402
+
+SCRIPT = "tests/dist/engine_run.py"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """One process with the whole batch in one micro-batch vs 2 ranks with micro-batches of 1 + AC."""
+    one = tmp_path_factory.mktemp("one")
+    two = tmp_path_factory.mktemp("two")
+    run([SCRIPT, str(tiny_model_dir), str(one), "--steps", str(STEPS), "--micro-batch-size", "7"])
+    run([SCRIPT, str(tiny_model_dir), str(two), "--steps", str(STEPS), "--micro-batch-size", "1", "--ac"], nproc=2)
+    return one, two
+
+
+def _result(path: Path) -> dict:
+    return json.loads((path / "result.json").read_text())
+
+
+def test_two_ranks_match_one_process(runs):
+    from safetensors.torch import load_file
+
+    one, two = (_result(p) for p in runs)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        assert a["tokens"] == b["tokens"] == sum(b["tokens_per_rank"])
+        assert b["tokens_per_rank"][0] != b["tokens_per_rank"][1]  # the ranks hold different token counts
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        # Adam is nearly scale-invariant, so the weights alone would not catch a gradient averaged
+        # over ranks instead of summed: the pre-clip norm does (it would be half).
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert one["steps"][-1]["loss"] < one["steps"][0]["loss"]  # it trained
+    w1, w2 = load_file(str(runs[0] / "final.safetensors")), load_file(str(runs[1] / "final.safetensors"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        # atol lr/100: Adam divides by sqrt(v), so elements whose gradient is ~0 move by an amount
+        # set by float rounding of the (differently ordered) sums; real bugs move weights by ~lr.
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_weights_moved(runs, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    end = load_file(str(runs[1] / "final.safetensors"))
+    moved = max((end[n] - start[n]).abs().max().item() for n in start)
+    assert moved > 5e-3  # lr 1e-2 for 3 Adam steps: parameters move by about 1e-2 each step
+
+
+def test_stream_names_are_hf_names_with_lm_head(runs, tiny_model_dir):
+    from safetensors import safe_open
+
+    names = _result(runs[1])["names"]
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+    assert not any(n.startswith("lm.") for n in names)
+    assert set(names) == saved | {"lm_head.weight"}
+    assert len(names) == len(set(names))
+
+
+def test_lr_schedules():
+    cfg = OptimConfig(lr=1.0, schedule="cosine", warmup_ratio=0.2, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 10, cfg) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]  # 2 warm-up steps
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    mid = lr_at(2 + 7 // 2, 10, cfg)  # not exactly the midpoint: 7 decay intervals
+    assert 0.1 < mid < 1.0
+    const = OptimConfig(lr=2.0, warmup_ratio=0.5)
+    assert [lr_at(s, 4, const) for s in range(4)] == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_clip_grad_norm_plain_tensors():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    assert grad_norm([a, b]).item() == pytest.approx(5.0)
+    norm = clip_grad_norm_([a, b], 1.0)
+    assert norm.item() == pytest.approx(5.0)
+    assert grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
+    assert clip_grad_norm_([a, b], 10.0).item() == pytest.approx(1.0, rel=1e-5)  # below max: untouched
+    assert grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
