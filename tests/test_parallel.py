@@ -94,3 +94,24 @@ def test_clip_grad_norm_plain_tensors():
     assert grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
     assert clip_grad_norm_([a, b], 10.0).item() == pytest.approx(1.0, rel=1e-5)  # below max: untouched
     assert grad_norm([a, b]).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_export_loads_with_transformers_and_gives_same_logprobs(runs):
+    """The HF export of the 2-rank sharded model: from_pretrained gives the trained model's log-probs."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = runs[1] / "hf"
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer_config.json").is_file()
+    exported = load_file(str(hf_dir / "model.safetensors"))
+    trained = load_file(str(runs[1] / "final.safetensors"))
+    assert exported.keys() == trained.keys()  # tied lm_head left out, as save_pretrained does
+    for name in trained:
+        assert torch.equal(exported[name], trained[name]), name
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    probe = load_file(str(runs[1] / "probe.safetensors"))
+    with torch.no_grad():
+        logits = model(probe["input_ids"]).logits.float()  # (B, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, probe["targets"].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp, probe["logp"], rtol=1e-5, atol=1e-5)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
