@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from minigrpo.dist import all_ok, barrier, broadcast_object, rank
+from minigrpo.dist import all_ok, barrier, broadcast_object, rank, world_size
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -144,7 +144,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     _write_json_atomic(tmp / "rng" / f"rank_{rank():05d}.json", rng_state())
     barrier()  # every rank's shard and RNG file is on disk before the manifest describes them
     if rank() == 0:
-        _write_json_atomic(tmp / "meta.json", {"step": step, "state": state or {}, "config": config or {}})
+        _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world_size(), "state": state or {}, "config": config or {}})
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -173,7 +173,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Collective. Verify, then restore model, optimizer and this rank's RNG; return meta.json.
 
-    Every rank raises the same CheckpointError when rank 0 finds the checkpoint damaged.
+    Every rank raises the same CheckpointError when rank 0 finds the checkpoint damaged. A different
+    world size than at save time is allowed (DCP reshards); RNG states are then not restored.
     """
     path = Path(path)
     problem = None
@@ -185,16 +186,23 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     problem = broadcast_object(problem)
     if problem:
         raise CheckpointError(problem)
+    meta = json.loads((path / "meta.json").read_text())
     rng_file = path / "rng" / f"rank_{rank():05d}.json"
-    problem = all_ok(rng_file.is_file(), f"{rng_file}: missing (checkpoint saved with a different number of ranks?)")
+    same_world = meta.get("world_size", world_size()) == world_size()
+    problem = all_ok(rng_file.is_file() or not same_world, f"{rng_file}: missing")
     if problem:
         raise CheckpointError(problem)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     to_load = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     dcp.load(to_load, checkpoint_id=str(path / "model_optim"))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_sd, optim_state_dict=optim_sd if optimizer is not None else {})
-    set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((path / "meta.json").read_text())
+    if same_world:
+        set_rng_state(json.loads(rng_file.read_text()))
+    elif rank() == 0:
+        # DCP reshards model and optimizer to the new world size; per-rank RNG streams cannot be
+        # mapped, so they start from the seed (data order is a function of the step, unaffected).
+        print(f"warning: {path} was saved by {meta['world_size']} ranks, resuming on {world_size()}: RNG states not restored", flush=True)
+    return meta
 
 
 # ----------------------------------------------------------------------------- HF export

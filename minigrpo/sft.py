@@ -214,6 +214,14 @@ def prepare(cfg: SFTConfig) -> Prepared:
     return Prepared(tokenizer, tokenize_rows(rows, tokenizer, cfg.data.max_seq_len), tokenize_rows(eval_rows, tokenizer, cfg.data.max_seq_len))
 
 
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class StepLog:
     """Console line with ETA + metrics.jsonl, rank 0 only."""
 
@@ -223,7 +231,7 @@ class StepLog:
         self.path = path
         if enabled and path.exists():
             # Steps logged after the checkpoint we resume from are about to be redone: drop them.
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def __call__(self, step: int, record: dict) -> None:

@@ -39,6 +39,14 @@ def test_sft_learns_on_two_ranks(tiny_model_dir, tmp_path):
     assert (out / "hf" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000020", "step_000040"]
 
+    # Resume the 2-rank run in 1 process: DCP reshards model and optimizer state to the new world size.
+    proc = run(["-m", "minigrpo.sft", f"--model.path={tiny_model_dir}", f"--data.train_file={train}", f"--run.output_dir={out}",
+                "--run.steps=42", "--optim.lr=1e-2", "--data.batch_size=8", "--data.packing=true", "--data.max_seq_len=64", "--resume"])  # fmt: skip
+    assert "saved by 2 ranks, resuming on 1" in proc.stdout
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == list(range(1, 43))
+    assert resumed[-1]["loss"] < 1.0  # continued from the trained weights, not from scratch
+
 
 # ----------------------------------------------------------------------------- bad input
 

@@ -1,0 +1,176 @@
+"""Training-step throughput (tokens/s) and MFU of the minigrpo update vs plain HF in the same run.
+
+    python benchmarks/update_throughput.py --preset small --seq-len 512 --batch 4
+    torchrun --nproc_per_node 8 benchmarks/update_throughput.py --preset qwen2.5-1.5b --seq-len 4096 --batch 4
+
+minigrpo step: FSDP2-sharded `LogprobModel` (fused log-probs, no [N, V] logits), loss on the
+completion half of each row, backward, global-norm clip, AdamW. Baseline: the same model unsharded,
+HF forward with full logits + cross entropy (`labels=`), backward, clip, AdamW. Random weights
+(presets from minigrpo.tiny, or the Qwen2.5-1.5B shape from its real dims; nothing is downloaded).
+
+MFU = 6 * params * tokens / time / peak, where peak is the dense matmul rate measured in this run
+(attention FLOPs are not counted, as in nanoGPT's estimate). On CUDA the H100 bf16 dense peak
+(989 TFLOP/s) is printed as a reference too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minigrpo.config import OptimConfig, ParallelConfig  # noqa: E402
+from minigrpo.dist import destroy_distributed, init_distributed  # noqa: E402
+from minigrpo.model import LogprobModel  # noqa: E402
+from minigrpo.optim import build_optimizer, clip_grad_norm_  # noqa: E402
+from minigrpo.parallel import shard_model  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def qwen2_config(preset: str):
+    from transformers import Qwen2Config
+
+    if preset == "qwen2.5-1.5b":  # dims of Qwen/Qwen2.5-1.5B-Instruct's config.json
+        dims = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6)  # fmt: skip
+    else:
+        from minigrpo.tiny import PRESETS
+
+        p = PRESETS[preset]
+        dims = dict(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size, num_hidden_layers=p.num_layers,
+                    num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads, max_position_embeddings=p.max_positions, rope_theta=1e4)  # fmt: skip
+    return Qwen2Config(**dims, tie_word_embeddings=True, use_cache=False)
+
+
+def build(config, seed: int = 0):
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Dense matmul rate of this device in this dtype (FLOP/s), the MFU denominator."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_batch(vocab: int, batch: int, seq_len: int, device: torch.device):
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)  # (B, T)
+    completion = torch.zeros_like(input_ids, dtype=torch.bool)
+    completion[:, seq_len // 2 :] = True  # the second half of each row is the scored completion
+    return input_ids, completion
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "qwen2.5-1.5b"])
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing (both paths)")
+    ap.add_argument("--no-baseline", action="store_true")
+    args = ap.parse_args()
+
+    info = init_distributed()
+    device = info.device
+    cuda = device.type == "cuda"
+    compute_dtype = torch.bfloat16 if cuda else torch.float32
+    config = qwen2_config(args.preset)
+    input_ids, completion = random_batch(config.vocab_size, args.batch, args.seq_len, device)
+    from minigrpo.model import shift_targets
+
+    targets = shift_targets(input_ids, completion)  # (B, T)
+    n_scored = int((targets != -100).sum())
+    tokens = args.batch * args.seq_len * info.world_size  # per step, all ranks
+
+    lm = build(config)
+    params = sum(p.numel() for p in lm.parameters())  # tied embedding counted once
+    peak = measure_matmul_flops(device, compute_dtype, 4096 if cuda else 1024, 50 if cuda else 5)
+    if info.is_main:
+        name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        print(f"device: {name} x{info.world_size} ({info.backend}); torch {torch.__version__}; compute {compute_dtype}")
+        print(f"model: {args.preset} Qwen2 shape, {params / 1e6:.1f}M params, vocab {config.vocab_size}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        print(f"batch: {args.batch} x {args.seq_len} tokens per rank ({n_scored} scored), activation checkpointing {args.ac}")
+        print(f"measured dense matmul peak: {peak / 1e12:.3f} TFLOP/s" + (f" (H100 bf16 dense spec: {H100_BF16_DENSE_TFLOPS:.0f})" if cuda else ""))
+
+    optim_cfg = OptimConfig(lr=1e-5)
+    policy = shard_model(LogprobModel(lm), ParallelConfig(activation_checkpointing=args.ac), info)
+    optimizer = build_optimizer(policy, optim_cfg)
+    mask = (targets != -100).float()
+
+    def ours() -> None:
+        logp, _ = policy(input_ids, targets)  # (B, T) fp32, no (B, T, V) logits
+        (-(logp * mask).sum() / n_scored).backward()
+        clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    results = {"minigrpo (FSDP2 + fused logprobs)": time_steps(ours, args.steps, args.warmup, device)}
+    mem = {"minigrpo (FSDP2 + fused logprobs)": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+    del policy, optimizer, lm
+    if not args.no_baseline and info.world_size == 1:
+        base = build(config).to(device)
+        if args.ac:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_opt = torch.optim.AdamW(base.parameters(), lr=1e-5, foreach=cuda)
+        labels = torch.where(completion, input_ids, -100)  # HF shifts labels itself
+
+        def baseline() -> None:
+            with torch.autocast(device.type, dtype=compute_dtype, enabled=cuda):
+                loss = base(input_ids=input_ids, labels=labels).loss  # full (B, T, V) logits + cross entropy
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
+            base_opt.step()
+            base_opt.zero_grad(set_to_none=True)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        results["HF baseline (full logits + CE)"] = time_steps(baseline, args.steps, args.warmup, device)
+        mem["HF baseline (full logits + CE)"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    if info.is_main:
+        for label, sec in results.items():
+            tps = tokens / sec
+            mfu = 6 * params * tokens / sec / (peak * info.world_size)
+            extra = f", peak mem {mem[label]:.2f} GiB" if mem[label] is not None else ""
+            print(f"{label:34s} {sec * 1e3:9.1f} ms/step  {tps:10.1f} tokens/s  MFU {100 * mfu:5.1f}%{extra}")
+        if len(results) == 2:
+            ours_s, base_s = results.values()
+            print(f"speed-up of minigrpo over the baseline: x{base_s / ours_s:.2f}")
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
