@@ -134,5 +134,7 @@ class LogprobModel(nn.Module):
         logp, entropy = fused_logprobs(
             hidden.reshape(B * T, -1), weight, targets.reshape(B * T), temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX
         )
-        logp = logp.view(B, T)  # fp32
-        return logp, (entropy.view(B, T) if entropy is not None else None)
+        # Fresh (B, T) tensors, not views: FSDP2 warns that an in-place op on a returned view would
+        # drop its pre-backward hook; the copy is [B, T] floats, nothing next to the activations.
+        logp = logp.reshape(B, T).clone()  # fp32
+        return logp, (entropy.reshape(B, T).clone() if entropy is not None else None)

@@ -54,12 +54,15 @@ class NonFiniteLossError(RuntimeError):
 
 def build_engine(rollout: RolloutConfig, model: ModelConfig, dist_info, seed: int):
     """The rollout engine of `rollout.engine`, loaded from the policy's folder, on this rank's device."""
+    dtype = "bfloat16" if dist_info.device.type == "cuda" else "float32"
     if rollout.engine == "torch":
-        dtype = "bfloat16" if dist_info.device.type == "cuda" else "float32"
         return TorchEngine(model.path, dtype=dtype, device=dist_info.device, attn_implementation=model.attn_implementation)
     from minigrpo.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine.from_config(model.path, rollout, seed=seed, device=dist_info.device)
+    return VLLMEngine(
+        model.path, dtype=dtype, seed=seed, kv_cache_memory_gb=rollout.kv_cache_memory_gb,
+        gpu_memory_utilization=rollout.gpu_memory_utilization, enable_sleep_mode=rollout.sleep_between_steps,
+    )  # fmt: skip
 
 
 def make_aggregate(name: str, n_tokens: int, n_sequences: int, n_micro_batches: int, max_completion_tokens: int):
@@ -190,8 +193,9 @@ class GRPOTrainer:
         return float(norm), lr
 
     def sync_weights(self) -> None:
-        self.engine.wake_up()
+        """Stream the new full weights into the engine (one tensor at a time), then give it its KV cache back."""
         self.engine.load_weights(iter_full_state_dict(self.policy))
+        self.engine.wake_up()
 
     # ----------------------------------------------------------------------------- the step
 
@@ -277,7 +281,6 @@ class GRPOTrainer:
         self.stream.load_state_dict(mine["stream"])
         self.rng.setstate(_rng_from_json(mine["rng"]))
         self.sync_weights()  # the engine still holds the initial weights
-        self.engine.sleep()
         return True
 
     def train(self) -> list[dict]:
