@@ -1,0 +1,136 @@
+"""DRG GRPO (PAPER.md "Training"): rule-based DRG rewards on DRG cases, with minigrpo's GRPO loop.
+
+    torchrun --nproc_per_node 2 recipes/drg/train.py                       # the CPU demo (demo.py)
+    torchrun --nproc_per_node 8 recipes/drg/train.py --config recipes/drg/configs/best_config.yaml \
+        --model.path outputs/sft/hf --data.train_file data/grpo_cases.jsonl [--section.key=value ...]
+
+The recipe supplies three things and nothing else: prompts (the chat-templated question around each
+case's brief hospital course, prompts.py), a reward function (rewards.py, chosen by data.reward) and
+the config. Everything else is minigrpo.trainer.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/train.py` from the repo root
+
+from minigrpo.config import (ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, check, load_config,
+                             section)
+from minigrpo.model import ModelLoadError
+from minigrpo.prompt_data import Prompt
+from minigrpo.trainer import GRPORunConfig
+
+
+@dataclass(slots=True)
+class DrgDataConfig:
+    """The recipe's own section: which cases, which reward."""
+
+    train_file: str = ""  # DRG cases JSONL (records.py schema: problem + solution per row)
+    max_cases: int = 0  # 0 = all
+    reward: Literal["strict", "dense", "balanced"] = "dense"
+    compat: bool = False  # reproduce the reference code's reward quirks (rewards.py)
+    cot_first_penalty: float = 0.0  # <= 0; rewards.SUGGESTED_COT_FIRST_PENALTY is -1.0
+
+    def __post_init__(self) -> None:
+        check(self.max_cases >= 0, "data.max_cases", "must be >= 0")
+        check(self.cot_first_penalty <= 0, "data.cot_first_penalty", f"must be <= 0 (a penalty), got {self.cot_first_penalty}")
+
+
+@dataclass(slots=True)
+class DrgTrainConfig:
+    model: ModelConfig = section(ModelConfig)
+    optim: OptimConfig = section(OptimConfig)
+    parallel: ParallelConfig = section(ParallelConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    loss: LossConfig = section(LossConfig)
+    grpo: GRPOConfig = section(GRPOConfig)
+    run: RunConfig = section(RunConfig)
+    data: DrgDataConfig = section(DrgDataConfig)
+
+    def grpo_config(self) -> GRPORunConfig:
+        return GRPORunConfig(self.model, self.optim, self.parallel, self.rollout, self.loss, self.grpo, self.run)
+
+
+def build_prompts(cases: list[dict], tokenizer) -> list[Prompt]:
+    """One Prompt per case: chat-templated ids, the gold title as reward metadata, a stable id."""
+    from recipes.drg.prompts import build_prompt_ids
+
+    ids = [str(c.get("note_id") or f"row{i}") for i, c in enumerate(cases)]
+    if len(set(ids)) != len(ids):  # curriculum records refer to prompts by id: it must be unique
+        ids = [f"row{i}" for i in range(len(cases))]
+    return [Prompt(pid, build_prompt_ids(tokenizer, c["problem"]), {"solution": c["solution"]}) for pid, c in zip(ids, cases)]
+
+
+def load_inputs(cfg: DrgTrainConfig):
+    """(prompts, reward_fn): every check of the run's inputs, before anything is written."""
+    from minigrpo.model import load_tokenizer
+
+    from recipes.drg.records import read_cases
+    from recipes.drg.rewards import make_reward
+
+    check(bool(cfg.data.train_file), "data.train_file", "is required (a DRG cases JSONL)")
+    check(bool(cfg.model.path), "model.path", "is required (a local HF model folder, e.g. the SFT export OUTPUT_DIR/hf)")
+    reward_fn = make_reward(cfg.data.reward, compat=cfg.data.compat, cot_first_penalty=cfg.data.cot_first_penalty)
+    cases = read_cases(cfg.data.train_file)
+    if cfg.data.max_cases:
+        cases = cases[: cfg.data.max_cases]
+    tokenizer = load_tokenizer(cfg.model.path, require_chat_template=True)
+    return build_prompts(cases, tokenizer), reward_fn
+
+
+def run(cfg: DrgTrainConfig) -> list[dict]:
+    """GRPO on the DRG cases of `cfg`; per-step metrics (also OUTPUT_DIR/metrics.jsonl).
+
+    Keeps the process group alive, so a larger pipeline (the demo) can evaluate afterwards.
+    """
+    from minigrpo.trainer import GRPOTrainer
+
+    prompts, reward_fn = load_inputs(cfg)
+    out = Path(cfg.run.output_dir)
+    if not cfg.run.resume and (out / "checkpoints").exists():
+        raise ConfigError(f"{out}/checkpoints exists: pass --run.resume=true to continue that run, or choose another run.output_dir")
+    grpo_cfg = cfg.grpo_config()
+    if cfg.run.steps == 0:  # one epoch (the paper's setting): the trainer needs the count for its schedules
+        grpo_cfg = replace(grpo_cfg, run=replace(cfg.run, steps=one_epoch_steps(cfg, prompts)))
+    return GRPOTrainer(grpo_cfg, prompts, reward_fn).train()
+
+
+def one_epoch_steps(cfg: DrgTrainConfig, prompts: list[Prompt]) -> int:
+    """Optimizer steps in one pass over the prompts left after the curriculum filter."""
+    from minigrpo.prompt_data import apply_curriculum, load_prompt_records
+
+    if cfg.grpo.curriculum != "none":
+        prompts = apply_curriculum(prompts, load_prompt_records(cfg.grpo.curriculum_records), cfg.grpo.curriculum)
+    return max(1, len(prompts) // cfg.grpo.prompts_per_step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minigrpo.checkpoint import CheckpointError
+    from minigrpo.dist import destroy_distributed
+
+    from recipes.drg.sft import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "--demo":
+        from recipes.drg import demo
+
+        return demo.main(argv[1:])
+    try:
+        config_path, overrides = parse_args(argv)
+        cfg = load_config(DrgTrainConfig, config_path, overrides)
+        run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, ModelLoadError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
