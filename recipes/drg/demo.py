@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -39,14 +39,17 @@ MARKER = ".drg-demo"
 class DemoSetup:
     output_dir: str = "outputs/drg-demo"
     seed: int = 0
-    num_drgs: int = 6  # label space: a tiny model can learn a handful of DRGs on CPU
+    # Label space. A tiny model learns a handful of DRGs on CPU; two base DRGs with three severities
+    # each keep the base easy and the CC/MCC status hard, so the two levels of the metrics differ.
+    principals: list[str] = field(default_factory=lambda: ["J18", "K56"])  # ICD-10-CM prefixes; [] = all
+    num_drgs: int = 0  # keep K of the reachable DRGs; 0 = all
     difficulty: Literal["easy", "medium", "hard"] = "easy"
     sft_cases: int = 400
     grpo_cases: int = 400
     test_cases: int = 48
 
     def __post_init__(self) -> None:
-        check(self.num_drgs >= 1, "demo.num_drgs", "must be >= 1")
+        check(self.num_drgs >= 0, "demo.num_drgs", "must be >= 0")
         check(min(self.sft_cases, self.grpo_cases, self.test_cases) >= 1, "demo.*_cases", "must be >= 1")
 
 
@@ -238,7 +241,7 @@ def run(cfg: DemoConfig) -> dict:
 
         d = cfg.demo
         n = d.sft_cases + d.grpo_cases + d.test_cases
-        cases = generate(n, seed=d.seed, difficulty=d.difficulty, num_drgs=d.num_drgs)
+        cases = generate(n, seed=d.seed, difficulty=d.difficulty, num_drgs=d.num_drgs or None, principals=d.principals or None)
         parts = {"sft": cases[: d.sft_cases], "grpo": cases[d.sft_cases : d.sft_cases + d.grpo_cases], "test": cases[d.sft_cases + d.grpo_cases :]}
         for k, rows in parts.items():
             write_jsonl_atomic(data[k], rows)
@@ -254,7 +257,7 @@ def run(cfg: DemoConfig) -> dict:
     data_info = {"num_drgs": len({c["solution"] for c in test_cases + read_cases(data["sft"])}), "sft_cases": cfg.demo.sft_cases,
                  "grpo_cases": cfg.demo.grpo_cases, "test_cases": cfg.demo.test_cases}  # fmt: skip
 
-    banner(2, "SFT (CoT + knowledge rows)")
+    banner(2, "SFT (CoT rows" + (" + knowledge rows)" if cfg.sft.cases.knowledge else ")"))
     sft_cfg = replace(cfg.sft, model=replace(cfg.sft.model, path=str(model_dir)), cases=replace(cfg.sft.cases, train_file=str(data["sft"])),
                       run=replace(cfg.sft.run, output_dir=str(out / "sft"), seed=cfg.demo.seed))  # fmt: skip
     sft.run(sft_cfg)

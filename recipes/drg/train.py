@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.drg.sft import parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] == "--demo":
+    if not argv or "--demo" in argv:  # `train.py` alone, or `train.py --demo [--config X] [--a.b=v]`
         from recipes.drg import demo
 
-        return demo.main(argv[1:])
+        return demo.main([a for a in argv if a != "--demo"])
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(DrgTrainConfig, config_path, overrides)

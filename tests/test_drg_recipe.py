@@ -1,0 +1,189 @@
+"""The DRG recipe's entry points: configs, bad-input errors, evaluation, and a miniature pipeline."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigrpo.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes/drg/configs").glob("*.yaml"))
+
+
+def config_class(path: Path):
+    from recipes.drg.demo import DemoConfig
+    from recipes.drg.sft import DrgSFTConfig
+    from recipes.drg.train import DrgTrainConfig
+
+    if path.name == "demo.yaml":
+        return DemoConfig
+    if path.name.startswith("sft"):
+        return DrgSFTConfig
+    return DrgTrainConfig
+
+
+@pytest.fixture(scope="module")
+def cases_file(tmp_path_factory) -> Path:
+    from recipes.drg.records import write_jsonl_atomic
+    from recipes.drg.synthetic import generate
+
+    path = tmp_path_factory.mktemp("drg") / "cases.jsonl"
+    write_jsonl_atomic(path, generate(6, seed=1, difficulty="easy", num_drgs=3))
+    return path
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_configs_present():
+    names = {p.stem for p in CONFIGS}
+    ablations = {"dapo_loss", "drgrpo_loss", "drgrpo_advantage", "no_kl", "kl_cosine", "strict", "balanced", "dynamic_resampling",
+                 "dynamic_resampling_positive", "cot_first_penalty", "remove_easy", "remove_hard", "remove_both", "easy_to_hard"}  # fmt: skip
+    assert {"sft_7b", "grpo_vanilla_dense", "best_config", "best_config_remove_hard", "demo"} <= names
+    assert {f"ablation_{a}" for a in ablations} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    load_config(config_class(path), path)  # a typo or a bad value raises ConfigError
+
+
+def test_paper_settings_in_configs():
+    from recipes.drg.train import DrgTrainConfig
+
+    v = load_config(DrgTrainConfig, ROOT / "recipes/drg/configs/grpo_vanilla_dense.yaml")
+    assert (v.rollout.samples_per_prompt, v.grpo.prompts_per_step, v.rollout.temperature, v.rollout.max_new_tokens) == (8, 64, 1.0, 4096)
+    assert (v.optim.lr, v.optim.schedule, v.grpo.updates_per_batch, v.loss.kl, v.loss.beta, v.data.reward) == (3e-6, "constant", 1, "k3", 0.04, "dense")
+    assert v.optim.warmup_ratio > 0 and v.run.steps == 0  # warm-up; one epoch
+    b = load_config(DrgTrainConfig, ROOT / "recipes/drg/configs/best_config_remove_hard.yaml")
+    assert (b.loss.aggregation, b.data.reward, b.loss.beta_schedule, b.grpo.curriculum) == ("token_mean", "strict", "cosine", "remove_hard")
+    # each ablation differs from the vanilla run in its own section only
+    s = load_config(DrgTrainConfig, ROOT / "recipes/drg/configs/ablation_no_kl.yaml")
+    assert s.loss.beta == 0 and s.data.reward == "dense"
+
+
+def test_config_typo_is_an_error(tmp_path):
+    from recipes.drg.train import DrgTrainConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes/drg/configs/ablation_strict.yaml").read_text().replace("reward: strict", "rewrd: strict"))
+    with pytest.raises(ConfigError, match="rewrd"):
+        load_config(DrgTrainConfig, bad)
+    with pytest.raises(ConfigError, match="data.reward"):
+        load_config(DrgTrainConfig, None, ["--data.reward=sparse"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_reward_exits_nonzero(tmp_path, cases_file, tiny_model_dir):
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "recipes/drg/train.py", "--model.path", str(tiny_model_dir), "--data.train_file", str(cases_file), "--data.reward=sparse", f"--run.output_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "data.reward" in r.stderr and "sparse" in r.stderr
+    assert not out.exists()
+
+
+def test_missing_data_file_and_row_without_solution(tmp_path, cases_file, tiny_model_dir, capsys):
+    from recipes.drg import train
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(tiny_model_dir), f"--run.output_dir={out}"]
+    assert train.main(args + ["--data.train_file", str(tmp_path / "nope.jsonl")]) != 0
+    assert "nope.jsonl" in capsys.readouterr().err
+
+    rows = [json.loads(line) for line in cases_file.read_text().splitlines()]
+    del rows[1]["solution"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train.main(args + ["--data.train_file", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "solution" in err
+    assert not out.exists()
+
+
+def test_sft_row_without_cot(tmp_path, cases_file, tiny_model_dir, capsys):
+    from recipes.drg import sft
+
+    rows = [json.loads(line) for line in cases_file.read_text().splitlines()]
+    rows[2].pop("cot")
+    bad = tmp_path / "nocot.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    assert sft.main(["--model.path", str(tiny_model_dir), "--cases.train_file", str(bad), f"--run.output_dir={out}"]) != 0
+    err = capsys.readouterr().err
+    assert "nocot.jsonl" in err and "row 3" in err and "cot" in err
+    assert not out.exists()
+    # the answer-only fallback builds rows for every case, plus the 28 knowledge rows
+    built = sft.build_rows(sft.CasesConfig(train_file=str(bad), missing_cot="answer_only"))
+    assert len(built) == len(rows) + 28
+    assert built[2]["completion"].endswith(f"<answer>\n{rows[2]['solution']}\n</answer>")
+    assert built[0]["prompt"][0]["role"] == "system" and built[0]["completion"] == rows[0]["cot"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_cli_writes_json_and_table(tmp_path, cases_file, tiny_model_dir, capsys):
+    from recipes.drg import evaluate
+
+    out = tmp_path / "eval.json"
+    args = ["--model", str(tiny_model_dir), "--data", str(cases_file), "--k", "2", "--max_new_tokens", "8", "--max_cases", "3", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    result = json.loads(out.read_text())
+    for level in ("drg", "base", "severity"):
+        for metric in ("pass@1", "pass@k", "maj@k"):
+            assert 0.0 <= result[f"{level}/{metric}"] <= 1.0
+    assert result["cases"] == 3 and result["k"] == 2 and result["settings"]["temperature"] == 0.6
+    table = capsys.readouterr().out
+    assert "| DRG | Pass@1 |" in table and "| CC/MCC | Maj@2 |" in table
+
+
+def test_format_table_values():
+    from recipes.drg.evaluate import format_table
+
+    metrics = {f"{lv}/{m}": 0.5 for lv in ("drg", "base", "severity") for m in ("pass@1", "pass@k", "maj@k")}
+    text = format_table({"A": {**metrics, "k": 8.0, "format_rate": 1.0}, "B": {**metrics, "drg/pass@1": 0.25, "k": 8.0}})
+    assert "| DRG | Pass@1 | 50.0 | 25.0 |" in text and "| base DRG | Pass@8 | 50.0 | 50.0 |" in text
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_demo_refuses_a_foreign_output_dir(tmp_path):
+    from recipes.drg.demo import prepare_output_dir
+
+    (tmp_path / "keep.txt").write_text("not a demo")
+    assert "not a previous demo output" in prepare_output_dir(tmp_path)
+    assert (tmp_path / "keep.txt").exists()
+
+
+def test_miniature_pipeline(tmp_path):
+    """SFT a few steps -> eval -> GRPO 2 steps -> eval -> summary, in one process with tiny settings."""
+    from recipes.drg import demo
+
+    out = tmp_path / "demo"
+    cfg = demo.load_demo_config([
+        f"--demo.output_dir={out}", "--demo.sft_cases=12", "--demo.grpo_cases=4", "--demo.test_cases=2", "--demo.num_drgs=3", "--demo.principals=", "--sft.cases.knowledge=true",
+        "--model.vocab_size=600", "--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_layers=1", "--model.num_heads=2", "--model.num_kv_heads=1",
+        "--sft.run.steps=2", "--sft.data.batch_size=4", "--sft.data.max_seq_len=1000", "--grpo.grpo.max_prompt_tokens=1000",
+        "--grpo.run.steps=2", "--grpo.grpo.prompts_per_step=2", "--grpo.rollout.samples_per_prompt=2", "--grpo.rollout.max_new_tokens=12",
+        "--eval.k=2", "--eval.max_new_tokens=12",
+    ])  # fmt: skip
+    summary = demo.run(cfg)
+    for path in ("sft/metrics.jsonl", "sft/hf/config.json", "grpo/metrics.jsonl", "grpo/hf/config.json", "grpo/prompt_records.jsonl", "summary.json", "summary.md", "grpo_curves.png"):
+        assert (out / path).is_file(), path
+    assert (out / "grpo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "grpo/metrics.jsonl").read_text().splitlines()) == 2
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["grpo"]["steps"] == 2 == len(summary["grpo"]["reward_mean_per_step"])
+    assert set(saved["eval"]) == {"SFT", "SFT+GRPO"} and "drg/pass@1" in saved["eval"]["SFT"]
+    assert "| DRG | Pass@1 |" in (out / "summary.md").read_text()
+    # a re-run replaces the previous demo output
+    assert demo.prepare_output_dir(out) is None and not (out / "summary.json").exists()
