@@ -142,8 +142,24 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def make_micro_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, pack_len: int = 0, pad_to_multiple: int = 1) -> list[MicroBatch]:
-    """Split this rank's samples into micro-batches of `micro_batch_size` rows.
+def group_rows(row_lengths: Sequence[int], micro_batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive rows per micro-batch: at most `micro_batch_size` rows and, when `max_tokens` > 0,
+    at most `max_tokens` padded tokens (rows x longest row). A row longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    longest = 0
+    for r, n in enumerate(row_lengths):
+        if groups and len(groups[-1]) < micro_batch_size and (max_tokens <= 0 or (len(groups[-1]) + 1) * max(longest, n) <= max_tokens):
+            groups[-1].append(r)
+            longest = max(longest, n)
+        else:
+            groups.append([r])
+            longest = n
+    return groups
+
+
+def make_micro_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, pack_len: int = 0, pad_to_multiple: int = 1, max_tokens: int = 0) -> list[MicroBatch]:
+    """Split this rank's samples into micro-batches of at most `micro_batch_size` rows (and at most
+    `max_tokens` padded tokens each when > 0: long GRPO completions then get smaller micro-batches).
 
     pack_len = 0: one sample per row, right-padded to the longest in its micro-batch.
     pack_len > 0: samples packed into rows of `pack_len` tokens first (see module docstring).
@@ -152,10 +168,8 @@ def make_micro_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id:
         rows = pack_rows([len(s) for s in samples], pack_len)
     else:
         rows = [[i] for i in range(len(samples))]
-    return [
-        collate_rows(samples, rows[k : k + micro_batch_size], pad_id, packed=pack_len > 0, pad_to_multiple=pad_to_multiple)
-        for k in range(0, len(rows), micro_batch_size)
-    ]
+    groups = group_rows([sum(len(samples[i]) for i in row) for row in rows], micro_batch_size, max_tokens)
+    return [collate_rows(samples, [rows[r] for r in g], pad_id, packed=pack_len > 0, pad_to_multiple=pad_to_multiple) for g in groups]
 
 
 def empty_micro_batch(pad_id: int, field_names: Sequence[str] = ()) -> MicroBatch:

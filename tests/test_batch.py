@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minigrpo.batch import Sample, collate_rows, empty_micro_batch, global_token_count, make_micro_batches, pack_rows
+from minigrpo.batch import Sample, collate_rows, empty_micro_batch, global_token_count, group_rows, make_micro_batches, pack_rows
 from minigrpo.model import IGNORE_INDEX, LogprobModel, load_model
 
 PAD = 0
@@ -51,6 +51,14 @@ def test_pack_rows_first_fit():
     assert pack_rows([5, 3, 4, 2, 6], 8) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="more than the packed row length"):
         pack_rows([9], 8)
+
+
+def test_group_rows_by_count_and_token_budget():
+    assert group_rows([5, 5, 5, 5, 5], 2) == [[0, 1], [2, 3], [4]]
+    # Budget 12 padded tokens: [3, 4, 4] pads to 3 x 4 = 12; adding 9 would need 4 x 9.
+    assert group_rows([3, 4, 4, 9, 2, 20], 8, max_tokens=12) == [[0, 1, 2], [3], [4], [5]]
+    mbs = make_micro_batches(_samples(), 3, PAD, max_tokens=8)
+    assert all(mb.input_ids.numel() <= 8 for mb in mbs) and sum(mb.num_tokens for mb in mbs) == 6
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 2, 3])
