@@ -40,15 +40,16 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return (tokens (B,) int64, log p(token) (B,) fp32).
 
-    The log-prob is under the distribution sampled from (see rollout/base.py). Sampling uses the
-    exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) picks j with probability p_j, and needs
-    no cumsum or host sync.
+    The log-prob is under the distribution sampled from (see rollout/base.py). Sampling inverts the
+    CDF with one uniform draw per row (drawing a Gumbel/exponential per vocabulary entry instead
+    costs B * V random numbers, ~10% of a CPU decode step), and needs no host sync.
     """
     if temperature == 0:
         logp = logits.log_softmax(dim=-1)
         tokens = logits.argmax(dim=-1)
     else:
         logp = truncate_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
-        noise = torch.empty_like(logp).exponential_(generator=generator)  # (B, V)
-        tokens = (logp - noise.log()).argmax(dim=-1)
+        cdf = logp.exp().cumsum(dim=-1)  # (B, V); masked tokens add 0 and can never be picked
+        u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1) in (0, total]
+        tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)

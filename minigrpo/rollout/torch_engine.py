@@ -11,14 +11,22 @@ engine is tested against. One generate() call:
 
 Row b's prompt occupies cache slots [Lmax - L_b, Lmax) (left padding, masked out); its t-th new
 token sits in slot Lmax + t and has position id L_b + t, so positions match an unpadded forward.
+
+Attention: the engine builds its own boolean masks and, while generating, switches the model to
+`_kv_attention` (registered with transformers' AttentionInterface). HF's sdpa path on CPU repeats
+the GQA key/value heads of the whole static cache and runs a flash kernel that is slow for one
+query token; here a decode step reads only the filled cache slots, once, with grouped matmuls.
+Models with sliding-window layers are not supported (Qwen2.5 has none by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minigrpo.rollout.base import Completion, SamplingParams, check_request
@@ -46,6 +54,9 @@ class TorchEngine:
         self.lm.eval().requires_grad_(False)
         self.device = next(self.lm.parameters()).device
         cfg = self.lm.config
+        layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise NotImplementedError(f"TorchEngine supports full-attention decoders only; this model has layers {sorted(layer_types)}")
         self._max_context = int(max_context or cfg.max_position_embeddings)
         self.vocab_size = self.lm.get_output_embeddings().weight.shape[0]
         eos = getattr(self.lm.generation_config, "eos_token_id", None) if hasattr(self.lm, "generation_config") else None
@@ -87,7 +98,8 @@ class TorchEngine:
         budgets = check_request(prompts, n, sampling, self._max_context, self.vocab_size)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.Generator().seed()))
-        tokens, logps, lengths, stopped = self._generate(prompts, n, sampling, budgets, gen)
+        with _attention(self.lm.config, KV_ATTENTION):
+            tokens, logps, lengths, stopped = self._generate(prompts, n, sampling, budgets, gen)
         tokens, logps, lengths, stopped = tokens.tolist(), logps.tolist(), lengths.tolist(), stopped.tolist()
         out = []
         for i, prompt in enumerate(prompts):
@@ -113,11 +125,15 @@ class TorchEngine:
             ids[i, Lmax - len(p) :] = torch.tensor(p)
         ids = ids.to(dev)
         slot = torch.arange(S, device=dev)
-        mask = (slot[None, :] >= Lmax - lens[:, None]).long()  # (P, S): 1 from each prompt's first token on
+        mask = slot[None, :] >= Lmax - lens[:, None]  # (P, S) bool: True from each prompt's first token on
         pos = (slot[None, :Lmax] - (Lmax - lens[:, None])).clamp(min=0)  # (P, Lmax)
 
+        # prefill mask (P, 1, Lmax, Lmax): causal, real keys only; pad queries see themselves (no empty
+        # softmax rows; their outputs are never used)
+        causal = torch.ones(Lmax, Lmax, dtype=torch.bool, device=dev).tril()
+        prefill_mask = (causal[None] & mask[:, None, :Lmax]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
         cache = _static_cache(self.lm.config, S)
-        hidden = self._forward(ids, mask, pos, cache)  # (P, H) last position
+        hidden = self._forward(ids, prefill_mask[:, None], pos, cache)  # (P, H) last position
 
         # expand P -> B = P * n rows: cache, mask, positions, and the first sampled token's logits
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
@@ -155,11 +171,14 @@ class TorchEngine:
                     _index_cache(cache, lambda c: c.index_select(0, keep))
                     rows, mask, lens, tok, done = rows[keep], mask[keep], lens[keep], tok[keep], done[keep]
             step_pos = (lens + t)[:, None]  # (b, 1): position of the token just sampled
-            hidden = self._forward(tok[:, None], mask, step_pos, cache)
+            step_mask = mask[:, None, None, : Lmax + t + 1]  # (b, 1, 1, filled slots incl. this token)
+            hidden = self._forward(tok[:, None], step_mask, step_pos, cache)
         return out_tokens.cpu(), out_logps.cpu(), lengths.cpu(), stopped.cpu()
 
-    def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    def _forward(self, ids, mask4d, pos, cache) -> torch.Tensor:
+        # a dict of prepared masks makes HF skip its own mask construction
+        masks = {"full_attention": mask4d}
+        out = self.lm.model(input_ids=ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True)
         return out.last_hidden_state[:, -1]  # (b, H): only the last position is ever sampled from
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -177,3 +196,43 @@ def _index_cache(cache, fn) -> None:
     for layer in cache.layers:
         layer.keys, layer.values = fn(layer.keys), fn(layer.values)
         layer.batch_size = layer.keys.shape[0]
+
+
+# ----------------------------------------------------------------------------- attention
+
+KV_ATTENTION = "minigrpo_kv"
+
+
+def _kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention over the filled part of a static cache, GQA without repeating key/value heads.
+
+    query (B, H, q, d); key/value (B, Hkv, S_max, d): the whole preallocated cache;
+    attention_mask (B, 1, q, S) bool, True = attend, S = slots filled so far. Returns (B, q, H, d).
+    """
+    S = attention_mask.shape[-1]
+    key, value = key[:, :, :S], value[:, :, :S]
+    B, H, q, d = query.shape
+    Hkv = key.shape[1]
+    if q > 1:  # prefill: one big fused kernel is best
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=H != Hkv)
+        return out.transpose(1, 2).contiguous(), None
+    qg = query.reshape(B, Hkv, H // Hkv, d)  # (B, Hkv, groups, d): heads sharing a KV head, side by side
+    scores = torch.matmul(qg, key.transpose(-1, -2)) * scaling  # (B, Hkv, groups, S)
+    scores = scores.masked_fill(~attention_mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
+    probs = scores.float().softmax(dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # (B, Hkv, groups, d)
+    return out.reshape(B, 1, H, d), None
+
+
+@contextlib.contextmanager
+def _attention(config, name: str):
+    """Run the model with attention implementation `name`, then restore the caller's choice."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, _kv_attention)
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
