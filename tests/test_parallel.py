@@ -1,6 +1,7 @@
 """The sharded engine: 2 gloo ranks match 1 process (losses, grad norms, weights), streaming names."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,3 +116,31 @@ def test_export_loads_with_transformers_and_gives_same_logprobs(runs):
     logp = torch.log_softmax(logits, -1).gather(-1, probe["targets"].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp, probe["logp"], rtol=1e-5, atol=1e-5)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_reference_is_frozen_and_still_the_initial_model(runs):
+    from safetensors.torch import load_file
+
+    for path in runs:
+        probe = load_file(str(path / "probe.safetensors"))
+        assert _result(path)["ref_trainable"] == 0
+        torch.testing.assert_close(probe["ref_logp"], probe["initial_logp"], rtol=1e-5, atol=1e-5)
+        assert (probe["logp"] - probe["initial_logp"]).abs().max() > 1e-2  # while the policy moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_mixed_precision_tracks_the_fp32_cpu_run(runs, tiny_model_dir, tmp_path):
+    """NCCL + bf16 compute with fp32 master weights and reductions: close to the fp32 CPU run."""
+    from safetensors.torch import load_file
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(str(i) for i in range(torch.cuda.device_count()))
+    nproc = min(2, torch.cuda.device_count())
+    run([SCRIPT, str(tiny_model_dir), str(tmp_path), "--steps", str(STEPS), "--micro-batch-size", "1"], nproc=nproc, env={"CUDA_VISIBLE_DEVICES": visible})
+    gpu, cpu = _result(tmp_path), _result(runs[0])
+    assert gpu["device"].startswith("cuda")
+    for a, b in zip(cpu["steps"], gpu["steps"], strict=True):
+        assert b["tokens"] == a["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-1)
+    weights = load_file(str(tmp_path / "final.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32

@@ -4,7 +4,8 @@
 
 Writes (rank 0): OUT/result.json (per-step loss, grad norm, token counts per rank, streamed names),
 OUT/final.safetensors (full weights from iter_full_state_dict), OUT/hf/ (export_hf), and
-OUT/probe.safetensors (input ids, targets and the trained sharded model's log-probs for them).
+OUT/probe.safetensors (input ids, targets, and log-probs of them from the trained sharded model, the
+sharded frozen reference and the plain initial model).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E4
 from minigrpo.dist import all_reduce_sum, init_distributed  # noqa: E402
 from minigrpo.model import LogprobModel, load_model, load_tokenizer  # noqa: E402
 from minigrpo.optim import build_optimizer  # noqa: E402
-from minigrpo.parallel import iter_full_state_dict, shard_model  # noqa: E402
+from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference  # noqa: E402
 from minigrpo.sft import DataConfig, SFTConfig, train_step  # noqa: E402
 
 BATCH = 7  # sequences per step: odd, so two ranks hold 4 and 3 sequences of different lengths
@@ -57,6 +58,7 @@ def main() -> None:
     )
     tokenizer = load_tokenizer(args.model_dir)
     model = shard_model(LogprobModel(load_model(args.model_dir)), cfg.parallel, info)
+    reference = shard_reference(LogprobModel(load_model(args.model_dir)), cfg.parallel, info)
     optimizer = build_optimizer(model, cfg.optim)
     vocab = model.config.vocab_size
     steps = []
@@ -73,8 +75,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(7)
     probe_ids = torch.randint(3, vocab, (2, 12), generator=g)
     probe_targets = torch.randint(0, vocab, (2, 12), generator=g)
+    probe_ids, probe_targets = probe_ids.to(info.device), probe_targets.to(info.device)
     with torch.no_grad():
         probe_logp, _ = model(probe_ids, probe_targets, torch.ones_like(probe_ids), None)
+        ref_logp, _ = reference(probe_ids, probe_targets, torch.ones_like(probe_ids), None)
+    # The frozen reference, after the policy trained: still the initial model (plain, unsharded).
+    initial = LogprobModel(load_model(args.model_dir, device=info.device)).eval()
+    with torch.no_grad():
+        initial_logp, _ = initial(probe_ids, probe_targets, torch.ones_like(probe_ids), None)
+    ref_trainable = sum(p.requires_grad for p in reference.parameters())
 
     names, full = [], {}
     for name, tensor in iter_full_state_dict(model):
@@ -87,8 +96,9 @@ def main() -> None:
 
         full.pop("lm_head.weight", None)  # tied: safetensors refuses duplicates, the test checks the name
         save_file(full, str(out / "final.safetensors"))
-        save_file({"input_ids": probe_ids, "targets": probe_targets, "logp": probe_logp.contiguous()}, str(out / "probe.safetensors"))
-        (out / "result.json").write_text(json.dumps({"world_size": info.world_size, "steps": steps, "names": names}))
+        probe = {"input_ids": probe_ids, "targets": probe_targets, "logp": probe_logp, "ref_logp": ref_logp, "initial_logp": initial_logp}
+        save_file({k: v.cpu().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors"))
+        (out / "result.json").write_text(json.dumps({"world_size": info.world_size, "device": str(info.device), "steps": steps, "names": names, "ref_trainable": ref_trainable}))
 
 
 if __name__ == "__main__":
