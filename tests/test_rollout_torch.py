@@ -14,7 +14,7 @@ import torch
 
 from minigrpo.model import LogprobModel, load_model, shift_targets
 from minigrpo.rollout import SamplingParams, TorchEngine
-from minigrpo.rollout.sampling import truncate_logits
+from minigrpo.rollout.sampling import sample_tokens, truncate_logits
 
 
 def sharpened_state(model_dir, seed: int, std: float = 0.25) -> dict[str, torch.Tensor]:
@@ -192,6 +192,19 @@ def test_top_k_top_p(setup):
             want = logits.gather(-1, top3).log_softmax(-1)  # renormalised over the kept set
             got = torch.tensor(c.logprobs)
             assert torch.allclose(got, want[top3 == torch.tensor(c.token_ids)[:, None]], atol=LOGPROB_TOL)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])
+def test_sampler_frequencies(temperature, top_p):
+    """Empirical token frequencies of 40k draws match softmax(logits / T) (renormalised over top-p)."""
+    logits = torch.tensor([3.0, 1.0, 2.0, 0.0, -1.0])
+    want = truncate_logits(logits[None] / temperature, 0, top_p).softmax(-1)[0]  # (V,)
+    B = 40_000
+    tokens, logp = sample_tokens(logits.expand(B, -1), temperature, 0, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=5).double() / B
+    sigma = (want * (1 - want) / B).sqrt()
+    assert ((freq - want).abs() <= 5 * sigma + 1e-12).all(), (freq, want)
+    assert torch.allclose(logp, want.log()[tokens])
 
 
 def test_bad_input(setup):
