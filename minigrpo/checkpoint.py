@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from minigrpo.dist import all_ok, barrier, broadcast_object, rank, world_size
+from minigrpo.dist import all_gather_object, all_ok, barrier, broadcast_object, rank, world_size
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -92,30 +92,56 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    _write_json_atomic(folder / MANIFEST, {"files": entries})
+    """Collective. Size + sha256 of every file in `folder`; ranks hash disjoint shares, rank 0 writes.
+
+    Hashing a multi-GB checkpoint is the slow part of a save: sharing it keeps the cost per rank
+    at about (checkpoint size / world size).
+    """
+    files = broadcast_object(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST) if rank() == 0 else None)
+    mine = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)} for rel in files[rank() :: world_size()]}
+    entries = {rel: e for part in all_gather_object(mine) for rel, e in part.items()}
+    if rank() == 0:
+        _write_json_atomic(folder / MANIFEST, {"files": dict(sorted(entries.items()))})
 
 
-def verify_manifest(folder: str | os.PathLike) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file."""
-    folder = Path(folder)
+def _read_manifest(folder: Path) -> dict:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete checkpoint: the save did not finish)")
     try:
-        entries = json.loads(manifest.read_text())["files"]
+        return json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest}: unreadable ({e})") from None
-    for rel, want in entries.items():
-        path = folder / rel
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(f"{path}: {size} bytes, expected {want['bytes']} (truncated or corrupted checkpoint)")
-        if _sha256(path) != want["sha256"]:
-            raise CheckpointError(f"{path}: sha256 mismatch (corrupted checkpoint)")
+
+
+def _check_file(path: Path, want: dict) -> str | None:
+    if not path.is_file():
+        return f"{path}: missing (listed in {MANIFEST})"
+    size = path.stat().st_size
+    if size != want["bytes"]:
+        return f"{path}: {size} bytes, expected {want['bytes']} (truncated or corrupted checkpoint)"
+    if _sha256(path) != want["sha256"]:
+        return f"{path}: sha256 mismatch (corrupted checkpoint)"
+    return None
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Collective. Raise CheckpointError (on every rank) naming a missing, truncated or altered file."""
+    folder = Path(folder)
+    entries, problem = None, None
+    if rank() == 0:
+        try:
+            entries = _read_manifest(folder)
+        except CheckpointError as e:
+            problem = str(e)
+    entries, problem = broadcast_object((entries, problem))
+    if problem:
+        raise CheckpointError(problem)
+    share = sorted(entries)[rank() :: world_size()]
+    mine = next((msg for rel in share if (msg := _check_file(folder / rel, entries[rel]))), None)
+    problem = all_ok(mine is None, mine or "")
+    if problem:
+        raise CheckpointError(problem)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -142,10 +168,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
     _write_json_atomic(tmp / "rng" / f"rank_{rank():05d}.json", rng_state())
-    barrier()  # every rank's shard and RNG file is on disk before the manifest describes them
     if rank() == 0:
         _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world_size(), "state": state or {}, "config": config or {}})
-        write_manifest(tmp)
+    barrier()  # every rank's shard and RNG file is on disk before the manifest describes them
+    write_manifest(tmp)
+    if rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -173,19 +200,11 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Collective. Verify, then restore model, optimizer and this rank's RNG; return meta.json.
 
-    Every rank raises the same CheckpointError when rank 0 finds the checkpoint damaged. A different
+    Every rank raises the same CheckpointError when any rank finds a damaged file. A different
     world size than at save time is allowed (DCP reshards); RNG states are then not restored.
     """
     path = Path(path)
-    problem = None
-    if rank() == 0:
-        try:
-            verify_manifest(path)
-        except CheckpointError as e:
-            problem = str(e)
-    problem = broadcast_object(problem)
-    if problem:
-        raise CheckpointError(problem)
+    verify_manifest(path)
     meta = json.loads((path / "meta.json").read_text())
     rng_file = path / "rng" / f"rank_{rank():05d}.json"
     same_world = meta.get("world_size", world_size()) == world_size()

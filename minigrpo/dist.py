@@ -99,6 +99,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's Python object, in rank order (small objects: hashes, counts, messages)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_ok(ok: bool, message: str = "") -> str | None:
     """Collective check: every rank learns the first rank's failure message, or None if all passed.
 
