@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import shard_model
 
 CRASH_ENV = "MINIGRPO_CRASH_AFTER_STEP"  # fault injection for the kill-and-resume test
+DEFAULTS = {"run": {"steps": 0}}  # SFT runs data.epochs by default, not RunConfig's 10 steps
 
 
 class DataError(ValueError):
@@ -61,7 +62,7 @@ class DataConfig:
 
 @dataclass(slots=True)
 class CheckpointConfig:
-    keep_last: int = 0  # complete checkpoints kept; 0 = all
+    keep_last: int = 0  # complete checkpoints kept; 0 = all (run.keep_last, when set, wins)
     export_dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = model.dtype
 
     def __post_init__(self) -> None:
@@ -73,7 +74,7 @@ class SFTConfig:
     model: ModelConfig = section(ModelConfig)
     optim: OptimConfig = section(OptimConfig)
     parallel: ParallelConfig = section(ParallelConfig)
-    run: RunConfig = section(RunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=0))  # 0: data.epochs passes over the data
     data: DataConfig = section(DataConfig)
     checkpoint: CheckpointConfig = section(CheckpointConfig)
 
@@ -119,7 +120,7 @@ def read_rows(path: str) -> list[dict]:
 
 def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[Sample]:
     """Samples for `rows`; the completion is cut to fit `max_seq_len` (its EOS is then lost too)."""
-    samples = []
+    samples, truncated = [], 0
     for row in rows:
         prompt = row["prompt"]
         if isinstance(prompt, list):
@@ -129,7 +130,11 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[Sample]
         completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if not prompt_ids or len(prompt_ids) >= max_seq_len:
             raise DataError(f"{row['where']}: the prompt has {len(prompt_ids)} tokens; it must have 1 to {max_seq_len - 1} (data.max_seq_len)")
+        cut = len(prompt_ids) + len(completion_ids) > max_seq_len
+        truncated += cut
         samples.append(Sample(list(prompt_ids), completion_ids[: max_seq_len - len(prompt_ids)]))
+    if truncated and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {truncated} of {len(rows)} rows cut to data.max_seq_len={max_seq_len} tokens", flush=True)
     return samples
 
 
@@ -285,7 +290,7 @@ def train(cfg: SFTConfig, data: Prepared) -> dict:
             log(done, record)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == steps:
             state = {"epoch_row_cursor": done * cfg.data.batch_size, "rows": len(data.train)}
-            save_checkpoint(ckpt_root, done, model, optimizer, state, to_dict(cfg), cfg.checkpoint.keep_last)
+            save_checkpoint(ckpt_root, done, model, optimizer, state, to_dict(cfg), cfg.run.keep_last or cfg.checkpoint.keep_last)
         if os.environ.get(CRASH_ENV) == str(done):
             os._exit(3)  # a hard crash: no cleanup, no final save
         result = record
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         del argv[i : i + 2]
     argv = ["--run.resume=true" if a == "--resume" else a for a in argv]
     try:
-        cfg = load_config(SFTConfig, config_path, argv)
+        cfg = load_config(SFTConfig, config_path, argv, defaults=DEFAULTS)
         data = prepare(cfg)
     except (ConfigError, ModelLoadError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
