@@ -8,7 +8,15 @@ import torch
 
 from minigrpo import grpo
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """The math is checked in float64; restore the default so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # ----------------------------------------------------------------------------- advantages
