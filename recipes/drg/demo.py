@@ -143,7 +143,7 @@ def prepare_output_dir(out: Path) -> str | None:
 class Banner:
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.t0, self.times, self.current = total, enabled, time.perf_counter(), {}, None
-        self.last = self.t0
+        self.last, self.cpu0 = self.t0, time.process_time()
 
     def __call__(self, index: int, name: str) -> None:
         now = time.perf_counter()
@@ -158,6 +158,8 @@ class Banner:
         if self.current:
             self.times[self.current] = round(now - self.last, 1)
         self.times["total"] = round(now - self.t0, 1)
+        # CPU seconds of this process: close to the wall time on an otherwise idle machine (one thread per rank)
+        self.times["cpu_rank0"] = round(time.process_time() - self.cpu0, 1)
         return self.times
 
 

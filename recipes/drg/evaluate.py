@@ -37,6 +37,7 @@ class EvalSettings:
     seed: int = 0
     max_cases: int = 0  # 0 = all
     batch_cases: int = 16  # prompts per generate() call (each gives k rows)
+    gpu_memory_utilization: float = 0.85  # vLLM on GPU only
 
     def __post_init__(self) -> None:
         from minigrpo.config import check
@@ -48,17 +49,13 @@ class EvalSettings:
         check(self.max_cases >= 0, "eval.max_cases", "must be >= 0")
 
 
-def build_engine(model_path: str, settings: EvalSettings, device):
-    if settings.engine == "torch":
-        from minigrpo.rollout import TorchEngine
+def build_engine(model_path: str, settings: EvalSettings, dist_info):
+    """The trainer's engine of `settings.engine`, loaded from `model_path` on this rank's device."""
+    from minigrpo.config import ModelConfig, RolloutConfig
+    from minigrpo.trainer import build_engine as trainer_engine
 
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-        return TorchEngine(model_path, dtype=dtype, device=device)
-    from minigrpo.config import RolloutConfig
-    from minigrpo.rollout.vllm_engine import VLLMEngine
-
-    rollout = RolloutConfig(engine="vllm", samples_per_prompt=settings.k, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens)
-    return VLLMEngine.from_config(model_path, rollout, seed=settings.seed, device=device)
+    rollout = RolloutConfig(engine=settings.engine, max_new_tokens=settings.max_new_tokens, gpu_memory_utilization=settings.gpu_memory_utilization, sleep_between_steps=False)
+    return trainer_engine(rollout, ModelConfig(path=model_path), dist_info, settings.seed + dist_info.rank)
 
 
 def sample_completions(engine, tokenizer, cases: list[dict], settings: EvalSettings, seed: int, progress: bool = False) -> list[list[str]]:
@@ -98,7 +95,7 @@ def evaluate_model(model_path: str, cases: list[dict], settings: EvalSettings, e
     t0 = time.perf_counter()
     info = init_distributed()
     tokenizer = tokenizer or load_tokenizer(model_path, require_chat_template=True)
-    engine = engine or build_engine(model_path, settings, info.device)
+    engine = engine or build_engine(model_path, settings, info)
     mine = list(range(info.rank, len(cases), info.world_size))
     texts = sample_completions(engine, tokenizer, [cases[i] for i in mine], settings, settings.seed + 1_000_003 * info.rank, info.is_main) if mine else []
     gathered: list = [None] * info.world_size
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="test cases JSONL (records.py schema)")
     ap.add_argument("--out", default="", help="metrics JSON (default: MODEL/eval_<data name>.json)")
     defaults = EvalSettings()
-    for name in ("k", "temperature", "top_p", "max_new_tokens", "seed", "max_cases", "batch_cases"):
+    for name in ("k", "temperature", "top_p", "max_new_tokens", "seed", "max_cases", "batch_cases", "gpu_memory_utilization"):
         value = getattr(defaults, name)
         ap.add_argument(f"--{name}", type=type(value), default=value)
     ap.add_argument("--engine", choices=["torch", "vllm"], default=defaults.engine)
