@@ -34,6 +34,31 @@ def peak_flops(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the rows of steps <= last_step (a resumed run redoes the rest); atomic, tolerant of a cut-off last line."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the crash
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
@@ -88,8 +113,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, [row])
         for w in self.writers:
             w(step, row)
         done = step - self.start_step

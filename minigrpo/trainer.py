@@ -26,7 +26,7 @@ from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, s
 from minigrpo.config import GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import all_ok, all_reduce_sum, init_distributed
 from minigrpo.groups import Group, GroupSource, RewardFn, fill_with_signal, resample_groups
-from minigrpo.metrics import MetricsLogger, peak_flops
+from minigrpo.metrics import MetricsLogger, append_jsonl, peak_flops, truncate_jsonl
 from minigrpo.model import LogprobModel, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference
@@ -236,7 +236,7 @@ class GRPOTrainer:
         self.sync_weights()
         t["sync"] = time.perf_counter() - t0
 
-        self.record_prompts(groups)  # --------------------------------------------- log
+        self.record_groups(groups)  # ---------------------------------------------- log
         metrics = stats.reduce(groups, n_tokens, info, self.over_long)
         metrics.update({f"time_{k}": v for k, v in t.items()}, lr=lr, beta=beta, step_time=sum(t.values()))
         trained = metrics.pop("trained_tokens_total")
@@ -245,19 +245,24 @@ class GRPOTrainer:
         metrics["mfu"] = 6 * self.n_params * metrics["trained_tokens_per_s"] / (self.peak * self.dist.world_size)
         return metrics
 
-    def record_prompts(self, groups: list[Group]) -> None:
-        """Per-prompt record (rewards and correctness of each group) for curriculum filtering."""
-        rows = [
-            {"step": self.step, "prompt_id": g.prompt.id, "rewards": g.rewards, "correct": g.components.get("correct", [float(r > 0) for r in g.rewards])}
-            for g in groups
-        ]
+    def record_groups(self, groups: list[Group]) -> None:
+        """Per-prompt record (rewards and correctness of each group) for curriculum filtering, and the
+        completions themselves only when `run.log_completions` (on real data they hold patient text)."""
+        step = self.step + 1  # numbered as in metrics.jsonl
+        records = [{"step": step, "prompt_id": g.prompt.id, "rewards": g.rewards, "correct": g.components.get("correct", [float(r > 0) for r in g.rewards])} for g in groups]
+        completions = []
+        if self.cfg.run.log_completions:
+            completions = [
+                {"step": step, "prompt_id": g.prompt.id, "completion": text, "reward": r, "finish_reason": c.finish_reason}
+                for g in groups
+                for text, r, c in zip(g.texts, g.rewards, g.completions)
+            ]
         gathered = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(gathered, rows)
+        torch.distributed.all_gather_object(gathered, (records, completions))
         if self.dist.is_main:
-            with open(self.out / "prompt_records.jsonl", "a", encoding="utf-8") as f:
-                for part in gathered:
-                    for row in part:
-                        f.write(json.dumps(row) + "\n")
+            append_jsonl(self.out / "prompt_records.jsonl", [row for part, _ in gathered for row in part])
+            if self.cfg.run.log_completions:
+                append_jsonl(self.out / "completions.jsonl", [row for _, part in gathered for row in part])
 
     # ----------------------------------------------------------------------------- run, save, resume
 
@@ -281,6 +286,9 @@ class GRPOTrainer:
         self.stream.load_state_dict(mine["stream"])
         self.rng.setstate(_rng_from_json(mine["rng"]))
         self.sync_weights()  # the engine still holds the initial weights
+        if self.dist.is_main:  # rows logged after the checkpoint by the interrupted run are redone
+            for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
+                truncate_jsonl(self.out / name, self.step)
         return True
 
     def train(self) -> list[dict]:

@@ -165,6 +165,11 @@ def test_kill_and_resume_reproduces_metrics(tiny_model_dir, tmp_path):
     assert len(resumed) == 2  # steps 3 and 4
     for key in ("reward_mean", "loss", "kl_mean", "entropy", "grad_norm", "completion_len_mean"):
         assert [h[key] for h in resumed] == [h[key] for h in full[2:]], key
+    # the killed run had logged step 3 after its last checkpoint (step 2): the log holds each step once
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line)["step"] for line in (tmp_path / "cut" / "prompt_records.jsonl").read_text().splitlines()]
+    assert records == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
 def test_nan_loss_is_caught_and_last_checkpoint_survives(tiny_model_dir, tmp_path):
@@ -198,5 +203,13 @@ def test_metrics_log_and_prompt_records(tiny_model_dir, tmp_path):
         assert key in rows[0], key
     assert rows[0]["sampler_logp_diff"] < 1e-4  # torch engine and trainer agree on fp32 weights
     records = [json.loads(line) for line in (tmp_path / "prompt_records.jsonl").read_text().splitlines()]
-    assert len(records) == 4 and all(len(r["rewards"]) == 4 for r in records)
+    assert [r["step"] for r in records] == [1, 1, 2, 2] and all(len(r["rewards"]) == len(r["correct"]) == 4 for r in records)
     assert (tmp_path / "hf" / "config.json").is_file()
+    assert not (tmp_path / "completions.jsonl").exists()  # completions may hold patient text: only when asked
+
+
+def test_completions_logged_only_when_asked(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, tmp_path, "--run.steps=1", "--run.log_completions=true", "--loss.beta=0")
+    GRPOTrainer(cfg, make_prompts(load_tokenizer(tiny_model_dir), 8), reward_fn).train()
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["reward"] == reward_fn([r["completion"]], [{}])[0][0] for r in rows)
