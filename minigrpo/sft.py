@@ -289,7 +289,8 @@ def train(cfg: SFTConfig, data: Prepared) -> dict:
         if done % cfg.run.log_every == 0 or done == steps:
             log(done, record)
         if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == steps:
-            state = {"epoch_row_cursor": done * cfg.data.batch_size, "rows": len(data.train)}
+            per_epoch = max(1, len(data.train) // cfg.data.batch_size)
+            state = {"data_cursor": {"epoch": done // per_epoch, "batch_in_epoch": done % per_epoch, "rows": len(data.train)}}
             save_checkpoint(ckpt_root, done, model, optimizer, state, to_dict(cfg), cfg.run.keep_last or cfg.checkpoint.keep_last)
         if os.environ.get(CRASH_ENV) == str(done):
             os._exit(3)  # a hard crash: no cleanup, no final save
