@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigrpo.model import LogprobModel, load_model, shift_targets
-from minigrpo.rollout import SamplingParams, TorchEngine
+from minigrpo.rollout import RolloutEngine, SamplingParams, TorchEngine
 from minigrpo.rollout.sampling import sample_tokens, truncate_logits
 
 
@@ -47,24 +47,32 @@ def argmax_decode(lm, prompt: list[int], steps: int, stop: tuple[int, ...] = ())
 
 
 @torch.no_grad()
-def trainer_logprobs(lm, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
-    """Log-probs of `completion` given `prompt` as the trainer computes them (LogprobModel), (len(completion),)."""
-    ids = torch.tensor([prompt + completion])  # (1, T)
-    loss_mask = torch.zeros_like(ids)
-    loss_mask[:, len(prompt) :] = 1
-    logp, _ = LogprobModel(lm)(ids, shift_targets(ids, loss_mask), temperature=temperature)
-    return logp[0, len(prompt) - 1 : -1]
+def trainer_logprobs(lm, pairs: list[tuple[list[int], list[int]]], temperature: float) -> list[torch.Tensor]:
+    """Log-probs of each completion given its prompt as the trainer computes them (LogprobModel).
+
+    pairs: (prompt, completion) token lists; one right-padded forward for all of them.
+    Returns one (len(completion),) tensor per pair.
+    """
+    T = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.zeros(len(pairs), T, dtype=torch.long)  # (B, T)
+    attn, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, (p, c) in enumerate(pairs):
+        ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+        attn[b, : len(p) + len(c)] = 1
+        loss_mask[b, len(p) : len(p) + len(c)] = 1
+    logp, _ = LogprobModel(lm)(ids, shift_targets(ids, loss_mask), attention_mask=attn, temperature=temperature)  # (B, T)
+    return [logp[b, len(p) - 1 : len(p) + len(c) - 1] for b, (p, c) in enumerate(pairs)]
 
 
 def max_logprob_diff(lm, completions, temperature: float) -> float:
     """Largest |sampler - trainer| log-prob difference over all tokens of all completions."""
+    flat = [c for row in completions for c in row]
+    refs = trainer_logprobs(lm, [(c.prompt_ids, c.token_ids) for c in flat], temperature)
     worst = 0.0
-    for row in completions:
-        for c in row:
-            ref = trainer_logprobs(lm, c.prompt_ids, c.token_ids, temperature)
-            got = torch.tensor(c.logprobs)
-            assert got.shape == ref.shape, (got.shape, ref.shape)
-            worst = max(worst, (got - ref).abs().max().item())
+    for c, ref in zip(flat, refs):
+        got = torch.tensor(c.logprobs)
+        assert got.shape == ref.shape, (got.shape, ref.shape)
+        worst = max(worst, (got - ref).abs().max().item())
     return worst
 
 
@@ -88,6 +96,7 @@ def setup(tiny_model_dir):
 
 def test_greedy_matches_argmax_loop(setup):
     engine, ref, _ = setup
+    assert isinstance(engine, RolloutEngine)
     out = engine.generate(PROMPTS, 2, SamplingParams(temperature=0, max_new_tokens=12))
     for prompt, row in zip(PROMPTS, out):
         want = argmax_decode(ref, prompt, 12)
@@ -96,6 +105,9 @@ def test_greedy_matches_argmax_loop(setup):
             assert c.token_ids == want and c.finish_reason == "length" and c.prompt_ids == prompt
     # greedy log-probs are those of the untempered distribution
     assert max_logprob_diff(ref, out, temperature=1.0) < LOGPROB_TOL
+    # bounded batch: 2 rows per pass -> one prompt at a time, same tokens
+    chunked = TorchEngine(ref, max_batch_rows=2).generate(PROMPTS, 2, SamplingParams(temperature=0, max_new_tokens=12))
+    assert [[c.token_ids for c in r] for r in chunked] == [[c.token_ids for c in r] for r in out]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

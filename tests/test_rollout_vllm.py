@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 
 from test_rollout_torch import PROMPTS, argmax_decode, max_logprob_diff, reference_model, sharpened_state  # noqa: E402
 
-from minigrpo.rollout import SamplingParams  # noqa: E402
+from minigrpo.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
 # fp32 weights, but vLLM's CPU attention and packed GEMMs sum in a different order than the HF
 # forward the trainer uses; measured max diffs are 0.6-1.6e-5 (printed with -s): 10x margin.
@@ -54,6 +54,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 def test_greedy_matches_argmax_loop(setup):
     engine, ref, _, _ = setup
+    assert isinstance(engine, RolloutEngine)
     out = engine.generate(PROMPTS, 2, SamplingParams(temperature=0, max_new_tokens=12))
     for prompt, row in zip(PROMPTS, out):
         want = argmax_decode(ref, prompt, 12)

@@ -44,7 +44,10 @@ class TorchEngine:
         attn_implementation: str = "sdpa",
         max_context: int | None = None,
         check_every: int = 8,
+        max_batch_rows: int | None = None,
     ):
+        """`max_batch_rows` bounds the decode batch (prompts x n) per pass, and so the KV-cache memory
+        (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); None = one pass."""
         if isinstance(model, nn.Module):
             self.lm = model  # used as is, not copied: load_weights writes into it
         else:
@@ -63,6 +66,7 @@ class TorchEngine:
         self.eos_token_ids: tuple[int, ...] = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         self.pad_token_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self.check_every = max(1, int(check_every))
+        self.max_batch_rows = max_batch_rows
         self.version = 0
 
     # ------------------------------------------------------------------ interface
@@ -98,16 +102,23 @@ class TorchEngine:
         budgets = check_request(prompts, n, sampling, self._max_context, self.vocab_size)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.Generator().seed()))
+        per_pass = len(prompts) if self.max_batch_rows is None else max(1, self.max_batch_rows // n)
+        out = []
         with _attention(self.lm.config, KV_ATTENTION):
-            tokens, logps, lengths, stopped = self._generate(prompts, n, sampling, budgets, gen)
+            for start in range(0, len(prompts), per_pass):
+                chunk = prompts[start : start + per_pass]
+                result = self._generate(chunk, n, sampling, budgets[start : start + per_pass], gen)
+                out += self._completions(chunk, n, *result)
+        return out
+
+    def _completions(self, prompts, n, tokens, logps, lengths, stopped) -> list[list[Completion]]:
         tokens, logps, lengths, stopped = tokens.tolist(), logps.tolist(), lengths.tolist(), stopped.tolist()
         out = []
         for i, prompt in enumerate(prompts):
             row = []
-            for j in range(n):
-                b, k = i * n + j, lengths[i * n + j]
-                reason = "stop" if stopped[b] else "length"
-                row.append(Completion(list(prompt), tokens[b][:k], logps[b][:k], reason, self.version))
+            for b in range(i * n, (i + 1) * n):
+                k = lengths[b]
+                row.append(Completion(list(prompt), tokens[b][:k], logps[b][:k], "stop" if stopped[b] else "length", self.version))
             out.append(row)
         return out
 
@@ -117,7 +128,7 @@ class TorchEngine:
         """Returns tokens (B, M), logprobs (B, M), lengths (B,), stopped (B,) with B = P * n, M = max budget."""
         P, dev = len(prompts), self.device
         lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
-        Lmax, M = int(lens.max()), max(budgets)
+        Lmax, M = max(len(p) for p in prompts), max(budgets)
         S = Lmax + M  # cache slots
 
         ids = torch.full((P, Lmax), self.pad_token_id, dtype=torch.long)

@@ -7,6 +7,8 @@
 Choices, each forced by vLLM (0.32) behaviour:
 - In process (VLLM_ENABLE_V1_MULTIPROCESSING=0): `collective_rpc` then calls the worker directly,
   so load_weights hands it a Python iterator of tensors; nothing is pickled or written to disk.
+  Under torchrun each rank runs its own engine (tensor parallel size 1) through vLLM's
+  "external_launcher" executor, on the process group the trainer created first.
 - Weights go through the worker's `reload_weights(weights_iterator=...)`, not `model.load_weights`:
   vLLM post-processes weights after loading (on CPU it repacks every linear layer and leaves an
   empty parameter behind), and only reload re-runs that processing.
@@ -74,6 +76,10 @@ class VLLMEngine:
             enable_sleep_mode=self.sleep_mode,
             **memory,
         )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # under torchrun: one engine per rank on the job's existing group, on device LOCAL_RANK
+            # (the default single-process executor would put every rank's engine on device 0)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
         with _rng_scope(seed):  # vLLM seeds the global RNG at start-up; keep the trainer's stream
             self.llm = LLM(**kwargs)
