@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,15 +83,61 @@ def random_batch(vocab: int, batch: int, seq_len: int, device: torch.device):
     return input_ids, completion
 
 
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - t) / steps
+def step_times(steps: dict, repeats: int, warmup: int, device: torch.device, interleave: bool) -> dict[str, float]:
+    """Median seconds per step of each named step function.
+
+    interleave: alternate the functions step by step, so that load drifting on a shared machine
+    hits both alike (both models live in memory at once); else run them one after the other.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = [[name] * repeats for name in steps] if not interleave else [list(steps)] * repeats
+    for name in steps:
+        for _ in range(warmup):
+            steps[name]()
+    for block in order:
+        for name in block:
+            sync(device)
+            t = time.perf_counter()
+            steps[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def make_minigrpo_step(config, input_ids: torch.Tensor, targets: torch.Tensor, ac: bool, info):
+    """FSDP2-sharded LogprobModel: fused log-probs (no (B, T, V) logits), clip, AdamW."""
+    policy = shard_model(LogprobModel(build(config)), ParallelConfig(activation_checkpointing=ac), info)
+    optimizer = build_optimizer(policy, OptimConfig(lr=1e-5))
+    mask = (targets != -100).float()  # (B, T)
+    n_scored = int(mask.sum())
+
+    def step() -> None:
+        logp, _ = policy(input_ids, targets)  # (B, T) fp32
+        (-(logp * mask).sum() / n_scored).backward()
+        clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_baseline_step(config, input_ids: torch.Tensor, completion: torch.Tensor, ac: bool, device: torch.device, compute_dtype: torch.dtype):
+    """Plain HF model: full (B, T, V) logits + cross entropy via `labels=`, clip, AdamW (autocast on CUDA)."""
+    base = build(config).to(device)
+    if ac:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(base.parameters(), lr=1e-5, foreach=device.type == "cuda")
+    labels = torch.where(completion, input_ids, -100)  # HF shifts labels itself
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda"):
+            loss = base(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main() -> None:
@@ -102,6 +149,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing (both paths)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None, help="alternate the two paths step by step (default: on CPU)")
     args = ap.parse_args()
 
     info = init_distributed()
@@ -113,62 +161,44 @@ def main() -> None:
     from minigrpo.model import shift_targets
 
     targets = shift_targets(input_ids, completion)  # (B, T)
-    n_scored = int((targets != -100).sum())
+    n_scored = int((targets != -100).sum())  # per rank
     tokens = args.batch * args.seq_len * info.world_size  # per step, all ranks
 
-    lm = build(config)
-    params = sum(p.numel() for p in lm.parameters())  # tied embedding counted once
+    params = sum(p.numel() for p in build(config).parameters())  # tied embedding counted once
     peak = measure_matmul_flops(device, compute_dtype, 4096 if cuda else 1024, 50 if cuda else 5)
+    interleave = not cuda if args.interleave is None else args.interleave
     if info.is_main:
         name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         print(f"device: {name} x{info.world_size} ({info.backend}); torch {torch.__version__}; compute {compute_dtype}")
         print(f"model: {args.preset} Qwen2 shape, {params / 1e6:.1f}M params, vocab {config.vocab_size}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
         print(f"batch: {args.batch} x {args.seq_len} tokens per rank ({n_scored} scored), activation checkpointing {args.ac}")
+        print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, {'interleaved' if interleave else 'one path after the other'}")
         print(f"measured dense matmul peak: {peak / 1e12:.3f} TFLOP/s" + (f" (H100 bf16 dense spec: {H100_BF16_DENSE_TFLOPS:.0f})" if cuda else ""))
 
-    optim_cfg = OptimConfig(lr=1e-5)
-    policy = shard_model(LogprobModel(lm), ParallelConfig(activation_checkpointing=args.ac), info)
-    optimizer = build_optimizer(policy, optim_cfg)
-    mask = (targets != -100).float()
-
-    def ours() -> None:
-        logp, _ = policy(input_ids, targets)  # (B, T) fp32, no (B, T, V) logits
-        (-(logp * mask).sum() / n_scored).backward()
-        clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    results = {"minigrpo (FSDP2 + fused logprobs)": time_steps(ours, args.steps, args.warmup, device)}
-    mem = {"minigrpo (FSDP2 + fused logprobs)": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
-    del policy, optimizer, lm
-    if not args.no_baseline and info.world_size == 1:
-        base = build(config).to(device)
-        if args.ac:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base_opt = torch.optim.AdamW(base.parameters(), lr=1e-5, foreach=cuda)
-        labels = torch.where(completion, input_ids, -100)  # HF shifts labels itself
-
-        def baseline() -> None:
-            with torch.autocast(device.type, dtype=compute_dtype, enabled=cuda):
-                loss = base(input_ids=input_ids, labels=labels).loss  # full (B, T, V) logits + cross entropy
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
-            base_opt.step()
-            base_opt.zero_grad(set_to_none=True)
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        results["HF baseline (full logits + CE)"] = time_steps(baseline, args.steps, args.warmup, device)
-        mem["HF baseline (full logits + CE)"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    ours, base = "minigrpo (FSDP2 + fused logprobs)", "HF baseline (full logits + CE)"
+    with_baseline = not args.no_baseline and info.world_size == 1  # the baseline is unsharded
+    results, mem = {}, {}
+    if interleave and with_baseline:
+        steps = {ours: make_minigrpo_step(config, input_ids, targets, args.ac, info), base: make_baseline_step(config, input_ids, completion, args.ac, device, compute_dtype)}
+        results = step_times(steps, args.steps, args.warmup, device, interleave=True)
+    else:
+        # One model at a time: on a GPU both (with AdamW state) may not fit together.
+        for label in [ours] + ([base] if with_baseline else []):
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            step = make_minigrpo_step(config, input_ids, targets, args.ac, info) if label == ours else make_baseline_step(config, input_ids, completion, args.ac, device, compute_dtype)
+            results.update(step_times({label: step}, args.steps, args.warmup, device, interleave=False))
+            mem[label] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+            del step
     if info.is_main:
         for label, sec in results.items():
             tps = tokens / sec
             mfu = 6 * params * tokens / sec / (peak * info.world_size)
-            extra = f", peak mem {mem[label]:.2f} GiB" if mem[label] is not None else ""
+            extra = f", peak mem {mem[label]:.2f} GiB" if mem.get(label) is not None else ""
             print(f"{label:34s} {sec * 1e3:9.1f} ms/step  {tps:10.1f} tokens/s  MFU {100 * mfu:5.1f}%{extra}")
         if len(results) == 2:
-            ours_s, base_s = results.values()
-            print(f"speed-up of minigrpo over the baseline: x{base_s / ours_s:.2f}")
+            print(f"speed-up of minigrpo over the baseline: x{results[base] / results[ours]:.2f}")
     destroy_distributed()
 
 
