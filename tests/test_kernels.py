@@ -255,6 +255,21 @@ def test_cuda_auto_dispatches_to_triton(monkeypatch):
     assert calls
 
 
+@cuda
+@pytest.mark.parametrize("backend,frac", [("triton", 8), ("torch", 4)])
+def test_cuda_peak_memory_is_far_below_n_by_v(backend, frac):
+    n, hd, v = 4096, 128, 32768      # N*V fp32 logits alone would be 512 MiB
+    h, w, t, gl, ge = make_inputs(dict(N=n, H=hd, V=v), device="cuda")
+    h, w = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp, ent = fused_logprobs(h, w, t, 1.0, True, IGNORE, backend=backend)
+    torch.autograd.grad((lp * gl).sum() + (ent * ge).sum(), (h, w))
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < n * v * 4 / frac
+
+
 def _interp_main():
     """Subprocess entry: run every case on the Triton backend, print JSON."""
     assert os.environ.get("TRITON_INTERPRET") == "1"

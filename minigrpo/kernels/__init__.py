@@ -10,8 +10,8 @@ Rows with target == ignore_index give logp = ent = 0 and zero gradient.
 Outputs are float32 (float64 for float64 inputs); gradients come back in the
 input dtypes. Differentiable in hidden and weight through both outputs.
 
-backend: "auto" -> Triton on CUDA tensors when triton imports, else the chunked
-torch path (any device); "torch" / "triton" force one.
+backend: "auto" -> Triton on CUDA tensors (fp16/bf16/fp32) when triton imports,
+else the chunked torch path (any device); "torch" / "triton" force one.
 """
 
 import functools
@@ -35,7 +35,8 @@ def triton_available() -> bool:
 
 def _pick_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend == "auto":
-        return "triton" if hidden.is_cuda and triton_available() else "torch"
+        low = hidden.dtype in (torch.float16, torch.bfloat16, torch.float32)  # not fp64
+        return "triton" if hidden.is_cuda and low and triton_available() else "torch"
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     return backend

@@ -78,9 +78,8 @@ def chunked_forward(hidden, weight, targets, inv_t, want_ent, ignore_index,
             cols = v1 - v0
             z = _tile(z_buf, rows, cols)                           # (cn, cv)
             e = _tile(e_buf, rows, cols)                           # (cn, cv)
-            torch.mm(h, weight[v0:v1].to(acc).t(), out=z)
-            if inv_t != 1.0:
-                z.mul_(inv_t)
+            # beta=0: z's stale contents are ignored; 1/T rides on the GEMM's alpha.
+            torch.addmm(z, h, weight[v0:v1].to(acc).t(), beta=0, alpha=inv_t, out=z)
             col, hit = _target_cols(t_r, v0, cols)
             z_y += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
             m_new = torch.maximum(m, z.amax(dim=1))                # (cn,)
@@ -128,8 +127,11 @@ def chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_t,
         n1 = min(n0 + cn, n_rows)
         rows = n1 - n0
         h = hidden[n0:n1].to(acc)                                  # (cn, H)
-        lse_c = lse[n0:n1, None]                                   # (cn, 1)
+        neg_lse = -lse[n0:n1, None]                                # (cn, 1)
         gl = g_lp[n0:n1, None]                                     # (cn, 1)
+        if g_ent is not None:
+            ge = g_ent[n0:n1, None]                                # (cn, 1)
+            c = gl + ge * ent[n0:n1, None]                         # (cn, 1)
         t_r = targets[n0:n1]
         for v0 in range(0, vocab, cv):
             v1 = min(v0 + cv, vocab)
@@ -137,23 +139,22 @@ def chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_t,
             w = weight[v0:v1].to(acc)                              # (cv, H)
             z = _tile(z_buf, rows, cols)
             p = _tile(p_buf, rows, cols)
-            torch.mm(h, w.t(), out=z)
-            if inv_t != 1.0:
-                z.mul_(inv_t)
-            z.sub_(lse_c)                                          # log p
+            # log p = z/T - lse straight out of the GEMM (bias broadcast, beta=1).
+            torch.addmm(neg_lse, h, w.t(), alpha=inv_t, out=z)
             torch.exp(z, out=p)                                    # p
+            # Build ndz = -dz in place (the sign goes into the GEMM alpha below):
+            #   ndz = p (g + e (log p + Ent)) - g onehot = p (e log p + c) - g onehot
             if g_ent is not None:
-                # dz = -p (g + e (log p + Ent)), built in place in z
-                dz = z.add_(ent[n0:n1, None]).mul_(g_ent[n0:n1, None]).add_(gl).mul_(p).neg_()
+                ndz = z.mul_(ge).add_(c).mul_(p)
             else:
-                dz = p.mul_(gl).neg_()                             # -g p
+                ndz = p.mul_(gl)
             col, hit = _target_cols(t_r, v0, cols)
-            dz.scatter_add_(1, col[:, None], torch.where(hit[:, None], gl, 0.0))
-            # 1/T of the chain rule folded into the GEMM alpha.
+            ndz.scatter_add_(1, col[:, None], torch.where(hit[:, None], -gl, 0.0))
+            # alpha = -1/T: the sign of ndz and the chain rule's 1/T in one place.
             if need_h:
-                grad_h[n0:n1].addmm_(dz, w, alpha=inv_t)
+                grad_h[n0:n1].addmm_(ndz, w, alpha=-inv_t)
             if need_w:
-                grad_w[v0:v1].addmm_(dz.t(), h, alpha=inv_t)
+                grad_w[v0:v1].addmm_(ndz.t(), h, alpha=-inv_t)
     return grad_h, grad_w
 
 

@@ -194,7 +194,10 @@ def _bwd_dw_kernel(H, W, TGT, LSE, ENT, GL, GE, DW, N, V, HD,
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). The interpreter runs every program in
 # Python, so tiny blocks keep it fast; on GPU, 64x128 tiles feed the tensor cores.
+# fp32 operands take twice the shared memory per stage, hence the halved BLOCK_H
+# (~100 KB instead of ~200 KB with 3 pipeline stages). Untuned: no GPU was at hand.
 GPU_BLOCKS = (64, 128, 64, 8)
+GPU_BLOCKS_FP32 = (64, 128, 32, 8)
 INTERP_BLOCKS = (16, 32, 16, 1)
 
 
@@ -205,7 +208,7 @@ def _interpreted() -> bool:
 def _blocks(t: torch.Tensor):
     if _interpreted() or not t.is_cuda:
         return INTERP_BLOCKS
-    return GPU_BLOCKS
+    return GPU_BLOCKS_FP32 if t.dtype == torch.float32 else GPU_BLOCKS
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -288,6 +291,11 @@ def triton_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fal
         hidden, weight = hidden.to(common), weight.to(common)
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"triton backend supports fp16/bf16/fp32, got {hidden.dtype}")
+    if not hidden.is_cuda and not _interpreted():
+        raise ValueError("triton backend needs CUDA tensors (or TRITON_INTERPRET=1); "
+                         "use backend='torch' on CPU")
+    if max(hidden.numel(), weight.numel()) >= 2**31:
+        raise ValueError("triton backend uses int32 offsets: needs N*H and V*H < 2**31")
     out = TritonLogprobs.apply(hidden, weight, targets, temperature, return_entropy,
                                ignore_index)
     return out if return_entropy else (out, None)
