@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from minigrpo.dist import comm_device
+from minigrpo.dist import all_gather_object, comm_device
 from minigrpo.model import IGNORE_INDEX, shift_targets
 
 
@@ -185,7 +185,9 @@ def equalize_micro_batches(micro_batches: list[MicroBatch], pad_id: int, device:
     count = torch.tensor([len(micro_batches)], dtype=torch.long, device=device or comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    names = list(micro_batches[0].token_fields) if micro_batches else []
+    # A rank with no samples at all still needs the field names (the loss reads mb.token_fields[...]).
+    local_names = list(micro_batches[0].token_fields) if micro_batches else []
+    names = list(dict.fromkeys(n for part in all_gather_object(local_names) for n in part))
     return micro_batches + [empty_micro_batch(pad_id, names) for _ in range(int(count.item()) - len(micro_batches))]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minigrpo.batch import Sample, collate_rows, empty_micro_batch, global_token_count, group_rows, make_micro_batches, pack_rows
+from minigrpo.batch import Sample, collate_rows, empty_micro_batch, equalize_micro_batches, global_token_count, group_rows, make_micro_batches, pack_rows
 from minigrpo.model import IGNORE_INDEX, LogprobModel, load_model
 
 PAD = 0
@@ -72,6 +72,11 @@ def test_empty_micro_batch_scores_nothing():
     mb = empty_micro_batch(PAD, ["adv"])
     assert mb.num_tokens == 0 and mb.input_tokens == 0 and mb.input_ids.shape == (1, 1)
     assert "adv" in mb.token_fields
+
+
+def test_equalize_without_process_group_keeps_the_list():
+    mbs = make_micro_batches(_samples(), 2, PAD)
+    assert equalize_micro_batches(mbs, PAD) == mbs  # world size 1: nothing to pad
 
 
 def test_packed_logprobs_equal_padded_logprobs(tiny_model_dir):

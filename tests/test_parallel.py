@@ -44,7 +44,8 @@ def test_two_ranks_match_one_process(runs):
         # Adam is nearly scale-invariant, so the weights alone would not catch a gradient averaged
         # over ranks instead of summed: the pre-clip norm does (it would be half).
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    assert one["steps"][-1]["loss"] < one["steps"][0]["loss"]  # it trained
+    assert one["steps"][STEPS - 1]["loss"] < one["steps"][0]["loss"] - 0.5  # it trained
+    assert two["steps"][-1]["tokens_per_rank"][1] == 0  # the last step left rank 1 without samples
     w1, w2 = load_file(str(runs[0] / "final.safetensors")), load_file(str(runs[1] / "final.safetensors"))
     assert w1.keys() == w2.keys()
     for name in w1:

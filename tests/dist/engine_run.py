@@ -2,6 +2,8 @@
 
     [torchrun --nproc_per_node N] tests/dist/engine_run.py MODEL_DIR OUT_DIR --steps 3 --micro-batch-size 1 [--ac]
 
+Runs `--steps` steps on the same 7 sequences, then one step on a single sequence.
+
 Writes (rank 0): OUT/result.json (per-step loss, grad norm, token counts per rank, streamed names),
 OUT/final.safetensors (full weights from iter_full_state_dict), OUT/hf/ (export_hf), and
 OUT/probe.safetensors (input ids, targets, and log-probs of them from the trained sharded model, the
@@ -62,8 +64,11 @@ def main() -> None:
     optimizer = build_optimizer(model, cfg.optim)
     vocab = model.config.vocab_size
     steps = []
-    for step in range(args.steps):
-        mine = step_samples(step, vocab)[info.rank :: info.world_size]
+    for step in range(args.steps + 1):
+        batch = step_samples(step, vocab)
+        if step == args.steps:
+            batch = batch[:1]  # a last step with one sequence: rank 1 has none and runs an empty micro-batch
+        mine = batch[info.rank :: info.world_size]
         local_tokens = sum(len(s.completion_ids) for s in mine)
         per_rank = [0] * info.world_size
         per_rank[info.rank] = local_tokens
