@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from test_rollout_torch import PROMPTS, argmax_decode, max_logprob_diff, reference_model, sharpened_state  # noqa: E402
+from test_rollout_torch import PROMPTS, argmax_decode, check_truncated_sampling, max_logprob_diff, reference_model, sharpened_state  # noqa: E402
 
 from minigrpo.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
@@ -132,17 +132,10 @@ def test_seeded_reproducible_and_distinct(setup):
     assert [r[0].token_ids for r in engine.generate(PROMPTS, 1, unseeded)] != [r[0].token_ids for r in engine.generate(PROMPTS, 1, unseeded)]
 
 
-def test_top_k(setup):
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.6)])
+def test_top_k_top_p(setup, top_k, top_p):
     engine, ref, _, _ = setup
-    out = engine.generate(PROMPTS, 4, SamplingParams(temperature=1.0, top_k=3, max_new_tokens=8, seed=0))
-    for c in (c for row in out for c in row):
-        with torch.no_grad():
-            logits = ref(torch.tensor([c.prompt_ids + c.token_ids])).logits[0, len(c.prompt_ids) - 1 : -1]
-        top3 = logits.topk(3).indices  # (n_new, 3)
-        chosen = torch.tensor(c.token_ids)[:, None]
-        assert (top3 == chosen).any(-1).all()
-        want = logits.gather(-1, top3).log_softmax(-1)[top3 == chosen]  # renormalised over the kept set
-        assert torch.allclose(torch.tensor(c.logprobs), want, atol=LOGPROB_TOL)
+    check_truncated_sampling(engine, ref, top_k, top_p)
 
 
 def test_bad_input(setup):
