@@ -2,7 +2,8 @@
 
 Reports, per shape, for forward (no_grad) and forward+backward (random upstream
 grads on logp and, with entropy, on the entropy):
-  * time: median of --reps runs after one warm-up;
+  * time: median of --reps runs after one warm-up, implementations interleaved
+    rep by rep (a shared machine's load drift then hits all of them alike);
   * peak extra memory: CUDA -> torch.cuda.max_memory_allocated() above what was
     allocated before the call; CPU -> a fresh subprocess per measurement that builds
     the inputs in place, warms the implementation up on a tiny shape, resets the
@@ -111,16 +112,23 @@ def sync(device):
 
 
 def timeit(run, reps, device):
-    run()
-    sync(device)
-    ts = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
+    return timeit_interleaved({"x": run}, reps, device)["x"]
+
+
+def timeit_interleaved(runs, reps, device):
+    """Median seconds per run; the runs alternate rep by rep so that load drift on
+    a shared machine hits every implementation alike."""
+    for run in runs.values():
         run()
-        sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    ts = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, run in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def proc_status_kib(field):
@@ -208,13 +216,16 @@ def run_shape(args, shape, ent_modes):
     for ent in ent_modes:
         for mode in ("fwd", "fwd+bwd"):
             floor = (2 if mode == "fwd" else 8) * n * hd * v / rate
-            for name, fn in fns.items():
-                why = availability(name, args.device) or (
-                    "logp only" if ent and name in ("liger", "cce") else None)
-                if why:
-                    print(f"| {name} | {'on' if ent else 'off'} | {mode} | skipped: {why} |||||")
+            skip = {name: availability(name, args.device) or (
+                "logp only" if ent and name in ("liger", "cce") else None) for name in fns}
+            runs = {name: (lambda fn=fn: step(fn, h, w, t, gl, ge, ent, mode))
+                    for name, fn in fns.items() if not skip[name]}
+            secs = timeit_interleaved(runs, args.reps, args.device)
+            for name in fns:
+                if skip[name]:
+                    print(f"| {name} | {'on' if ent else 'off'} | {mode} | skipped: {skip[name]} |||||")
                     continue
-                sec = timeit(lambda: step(fn, h, w, t, gl, ge, ent, mode), args.reps, args.device)
+                sec = secs[name]
                 mem = peak_extra(args, shape, name, mode, ent)
                 rows[(name, ent, mode)] = (sec, mem)
                 base = rows.get(("naive", ent, mode))
