@@ -15,7 +15,6 @@ it holds a previous demo's marker file.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
