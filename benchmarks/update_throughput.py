@@ -170,24 +170,28 @@ def main() -> None:
     if info.is_main:
         name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         print(f"device: {name} x{info.world_size} ({info.backend}); torch {torch.__version__}; compute {compute_dtype}")
-        print(f"model: {args.preset} Qwen2 shape, {params / 1e6:.1f}M params, vocab {config.vocab_size}, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        shape = f"vocab {config.vocab_size}, {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+        print(f"model: {args.preset} Qwen2 shape, {params / 1e6:.1f}M params, {shape}")
         print(f"batch: {args.batch} x {args.seq_len} tokens per rank ({n_scored} scored), activation checkpointing {args.ac}")
         print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, {'interleaved' if interleave else 'one path after the other'}")
         print(f"measured dense matmul peak: {peak / 1e12:.3f} TFLOP/s" + (f" (H100 bf16 dense spec: {H100_BF16_DENSE_TFLOPS:.0f})" if cuda else ""))
 
     ours, base = "minigrpo (FSDP2 + fused logprobs)", "HF baseline (full logits + CE)"
     with_baseline = not args.no_baseline and info.world_size == 1  # the baseline is unsharded
+    makers = {
+        ours: lambda: make_minigrpo_step(config, input_ids, targets, args.ac, info),
+        base: lambda: make_baseline_step(config, input_ids, completion, args.ac, device, compute_dtype),
+    }
     results, mem = {}, {}
     if interleave and with_baseline:
-        steps = {ours: make_minigrpo_step(config, input_ids, targets, args.ac, info), base: make_baseline_step(config, input_ids, completion, args.ac, device, compute_dtype)}
-        results = step_times(steps, args.steps, args.warmup, device, interleave=True)
+        results = step_times({label: make() for label, make in makers.items()}, args.steps, args.warmup, device, interleave=True)
     else:
         # One model at a time: on a GPU both (with AdamW state) may not fit together.
         for label in [ours] + ([base] if with_baseline else []):
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step = make_minigrpo_step(config, input_ids, targets, args.ac, info) if label == ours else make_baseline_step(config, input_ids, completion, args.ac, device, compute_dtype)
+            step = makers[label]()
             results.update(step_times({label: step}, args.steps, args.warmup, device, interleave=False))
             mem[label] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
             del step

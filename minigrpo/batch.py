@@ -8,11 +8,13 @@ lines up with `token_fields["adv"][b, t]`. Per-sequence fields are broadcast to 
 scored columns, so padded and packed rows read the same way; `seq_index[b, t]` says which sample a
 column belongs to (-1 where nothing is scored), for per-sequence means.
 
-Packing (several sequences in one row) relies on transformers' packed-sequence detection: with
-`attention_mask=None` and `position_ids` that restart at 0, the causal mask is made block-diagonal
-(sdpa, eager and flash-attention paths alike), so packed sequences do not attend to each other.
-`tests/test_batch.py` checks packed log-probs equal unpacked ones. Packed rows therefore carry
-`attention_mask=None`; padding at the end of a packed row is its own segment that nothing scores.
+Packing (several sequences in one row) relies on transformers' packed-sequence detection
+(`masking_utils.find_packed_sequence_indices`, transformers 5): with `attention_mask=None` and
+`position_ids` that restart at 0, the sdpa / eager causal mask is made block-diagonal, so packed
+sequences do not attend to each other; `tests/test_batch.py` checks packed log-probs equal padded
+ones (sdpa). flash_attention_2 derives varlen boundaries from the same position_ids (untested here:
+no GPU in CI). Packed rows carry `attention_mask=None`; the padding at the end of a packed row is
+its own segment that nothing scores.
 
 Token counts are global: `global_token_count` sums the scored tokens of all micro-batches over all
 ranks *before* any of them runs, and every micro-batch loss is divided by that same number, so the
@@ -157,7 +159,9 @@ def group_rows(row_lengths: Sequence[int], micro_batch_size: int, max_tokens: in
     return groups
 
 
-def make_micro_batches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, pack_len: int = 0, pad_to_multiple: int = 1, max_tokens: int = 0) -> list[MicroBatch]:
+def make_micro_batches(
+    samples: Sequence[Sample], micro_batch_size: int, pad_id: int, pack_len: int = 0, pad_to_multiple: int = 1, max_tokens: int = 0
+) -> list[MicroBatch]:
     """Split this rank's samples into micro-batches of at most `micro_batch_size` rows (and at most
     `max_tokens` padded tokens each when > 0: long GRPO completions then get smaller micro-batches).
 

@@ -156,7 +156,15 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- save / load
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict | None = None, config: dict | None = None, keep_last: int = 0) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict | None = None,
+    config: dict | None = None,
+    keep_last: int = 0,
+) -> Path:
     """Collective: every rank calls it. Returns the final folder. `state` must be JSON-able."""
     root = Path(root)
     final = step_dir(root, step)

@@ -86,7 +86,9 @@ def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMe
     return model
 
 
-def shard_model(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None = None, activation_checkpointing: bool | None = None) -> nn.Module:
+def shard_model(
+    model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None = None, activation_checkpointing: bool | None = None
+) -> nn.Module:
     """Shard a trainable `LogprobModel` in place (fp32 master weights) and put it in train mode.
 
     `activation_checkpointing` overrides `cfg.activation_checkpointing` (e.g. from

@@ -109,7 +109,8 @@ def read_rows(path: str) -> list[dict]:
                 raise DataError(f"{where}: 'completion' must be a string")
             prompt = row["prompt"]
             chat = isinstance(prompt, list)
-            ok = isinstance(prompt, str) or (chat and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
+            is_message = lambda m: isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)  # noqa: E731
+            ok = isinstance(prompt, str) or (chat and all(is_message(m) for m in prompt))
             if not ok:
                 raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
             rows.append({"prompt": prompt, "completion": row["completion"], "where": where})
@@ -248,7 +249,8 @@ class StepLog:
         record = {"step": step, **record, "elapsed_s": round(elapsed, 3)}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k not in ("step", "elapsed_s")]
+        shown = {k: v for k, v in record.items() if k not in ("step", "elapsed_s")}
+        parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()]
         print(" | ".join(parts) + f" | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
 
 
@@ -271,7 +273,8 @@ def train(cfg: SFTConfig, data: Prepared) -> dict:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        print(f"sft: {len(data.train)} rows, {steps} steps, world {info.world_size} ({info.backend}), " + (f"resumed from {last}" if last else "from scratch"), flush=True)
+        origin = f"resumed from {last}" if last else "from scratch"
+        print(f"sft: {len(data.train)} rows, {steps} steps, world {info.world_size} ({info.backend}), {origin}", flush=True)
     log = StepLog(out / "metrics.jsonl", info.is_main, start, steps)
 
     result: dict = {}

@@ -103,7 +103,8 @@ def main() -> None:
         save_file(full, str(out / "final.safetensors"))
         probe = {"input_ids": probe_ids, "targets": probe_targets, "logp": probe_logp, "ref_logp": ref_logp, "initial_logp": initial_logp}
         save_file({k: v.cpu().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors"))
-        (out / "result.json").write_text(json.dumps({"world_size": info.world_size, "device": str(info.device), "steps": steps, "names": names, "ref_trainable": ref_trainable}))
+        result = {"world_size": info.world_size, "device": str(info.device), "steps": steps, "names": names, "ref_trainable": ref_trainable}
+        (out / "result.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
