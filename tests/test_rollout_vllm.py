@@ -6,6 +6,7 @@ module's weights back before they return. Skips cleanly when vllm is not install
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -46,10 +47,16 @@ def setup(tiny_model_dir, tmp_path_factory):
     from minigrpo.rollout.vllm_engine import VLLMEngine
 
     model_dir, state = write_vllm_model(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "tiny32", seed=1)
+    # vLLM start-up exports env vars (LD_PRELOAD, LOCAL_WORLD_SIZE=1, ...) and turns
+    # torch.set_num_threads into a no-op; put both back for the tests that run after this module.
+    env, set_num_threads = dict(os.environ), torch.set_num_threads
     rng = torch.get_rng_state()
     engine = VLLMEngine(model_dir, kv_cache_memory_gb=0.25, enforce_eager=True)
     assert torch.equal(rng, torch.get_rng_state()), "engine start-up must leave the global RNG as it was"
-    return engine, reference_model(model_dir, state), model_dir, state
+    yield engine, reference_model(model_dir, state), model_dir, state
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads = set_num_threads
 
 
 def test_greedy_matches_argmax_loop(setup):

