@@ -306,12 +306,17 @@ def train(cfg: SFTConfig, data: Prepared) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print("config sections and defaults:", json.dumps(to_dict(SFTConfig(model=ModelConfig(path="PATH"), data=DataConfig(train_file="FILE"))), indent=2))
+        return 0
     config_path = None
     if "--config" in argv:
         i = argv.index("--config")
         config_path = argv[i + 1] if i + 1 < len(argv) else None
         del argv[i : i + 2]
-    argv = ["--run.resume=true" if a == "--resume" else a for a in argv]
+    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), config_path)
+    argv = ["--run.resume=true" if a == "--resume" else a for a in argv if not a.startswith("--config=")]
     try:
         cfg = load_config(SFTConfig, config_path, argv, defaults=DEFAULTS)
         data = prepare(cfg)
