@@ -38,6 +38,7 @@ def reward_fn(completions: list[str], metadata: list[dict]) -> tuple[list[float]
 
 def main(argv: list[str]) -> list[dict]:
     from minigrpo.config import load_config
+    from minigrpo.dist import destroy_distributed
     from minigrpo.model import load_tokenizer
     from minigrpo.trainer import GRPORunConfig, GRPOTrainer
 
@@ -46,7 +47,10 @@ def main(argv: list[str]) -> list[dict]:
         config_path, argv = argv[1], argv[2:]
     cfg = load_config(GRPORunConfig, config_path, argv)
     tokenizer = load_tokenizer(cfg.model.path, require_chat_template=True)
-    return GRPOTrainer(cfg, make_prompts(tokenizer), reward_fn).train()
+    try:
+        return GRPOTrainer(cfg, make_prompts(tokenizer), reward_fn).train()
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,18 @@ def init_distributed(timeout_minutes: float = 30.0, use_cuda: bool | None = None
 
 
 def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the process group down (call it from a `finally:` at the end of an entry point).
+
+    On a normal exit every rank first meets at a barrier, so no rank destroys its gloo group while a
+    peer's last collective is still in flight; gloo threads still holding async work at interpreter
+    exit abort the process ("terminate called without an active exception", seen in CI). While an
+    exception propagates the barrier is skipped: a failed peer may never reach it.
+    """
+    if not dist.is_initialized():
+        return
+    if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank() -> int:

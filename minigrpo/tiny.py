@@ -45,7 +45,7 @@ class TinyPreset:
 PRESETS = {
     # ~0.1M parameters: unit tests. head_dim 32: the smallest vLLM's CPU attention supports.
     "tiny": TinyPreset(512, 64, 128, 2, 2, 1, 2048),
-    # ~50M parameters: rollout benchmarks on CPU.
+    # ~28M parameters: rollout and update benchmarks on CPU.
     "small": TinyPreset(8192, 512, 1536, 8, 8, 2, 4096),
 }
 

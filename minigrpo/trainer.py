@@ -194,7 +194,8 @@ class GRPOTrainer:
 
     def sync_weights(self) -> None:
         """Stream the new full weights into the engine (one tensor at a time), then give it its KV cache back."""
-        self.engine.load_weights(iter_full_state_dict(self.policy))
+        dtype = torch.bfloat16 if self.dist.device.type == "cuda" else None  # the engine's dtype there: half the traffic
+        self.engine.load_weights(iter_full_state_dict(self.policy, dtype=dtype))
         self.engine.wake_up()
 
     # ----------------------------------------------------------------------------- the step
