@@ -48,10 +48,67 @@ def _target_cols(tgt: torch.Tensor, v0: int, cols: int):
     return col, hit
 
 
+def _rows_lse_ent(h, weight, t_r, inv_t, z_buf, e_buf, cv):
+    """(lse, Ent, z_y) for one row chunk: online max / sum / entropy accumulators."""
+    rows, acc, dev = h.shape[0], h.dtype, h.device
+    vocab = weight.shape[0]
+    m = torch.full((rows,), float("-inf"), dtype=acc, device=dev)
+    s = torch.zeros(rows, dtype=acc, device=dev)   # sum exp(z - m)
+    t = torch.zeros(rows, dtype=acc, device=dev)   # sum exp(z - m) (z - m)
+    z_y = torch.zeros(rows, dtype=acc, device=dev)
+    for v0 in range(0, vocab, cv):
+        cols = min(v0 + cv, vocab) - v0
+        z = _tile(z_buf, rows, cols)                               # (cn, cv)
+        e = _tile(e_buf, rows, cols)                               # (cn, cv)
+        # beta=0: z's stale contents are ignored; 1/T rides on the GEMM's alpha.
+        torch.addmm(z, h, weight[v0:v0 + cols].to(acc).t(), beta=0, alpha=inv_t, out=z)
+        col, hit = _target_cols(t_r, v0, cols)
+        z_y += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
+        m_new = torch.maximum(m, z.amax(dim=1))                    # (cn,)
+        # Rescale old sums to the new max; m starts at -inf with s = t = 0,
+        # where (m - m_new) * s would be -inf * 0 = nan, hence the where.
+        alpha = torch.exp(m - m_new)
+        shift = torch.where(s > 0, (m - m_new) * s, 0.0)
+        z.sub_(m_new[:, None])                                     # d = z - m_new <= 0
+        torch.exp(z, out=e)
+        s = s * alpha + e.sum(dim=1)
+        # t is relative to the running max, so Ent = log s - t / s has no
+        # cancellation between two ~|z| sized terms (logits of 1e3 stay exact).
+        t = alpha * (t + shift) + e.mul_(z).sum(dim=1)
+        m = m_new
+    log_s = torch.log(s)
+    return m + log_s, log_s - t / s, z_y
+
+
+def _rows_lse(h, weight, t_r, inv_t, z_buf, e_buf, cv):
+    """(lse, None, z_y) for one row chunk when no entropy is wanted.
+
+    One fused ATen log_softmax per tile (each row stays in cache) replaces the
+    max / subtract / exp / sum passes over the tile; tiles merge with logaddexp.
+    """
+    rows, acc = h.shape[0], h.dtype
+    vocab = weight.shape[0]
+    lse = None
+    z_y = torch.zeros(rows, dtype=acc, device=h.device)
+    for v0 in range(0, vocab, cv):
+        cols = min(v0 + cv, vocab) - v0
+        z = _tile(z_buf, rows, cols)                               # (cn, cv)
+        lq = _tile(e_buf, rows, cols)                              # (cn, cv)
+        torch.addmm(z, h, weight[v0:v0 + cols].to(acc).t(), beta=0, alpha=inv_t, out=z)
+        col, hit = _target_cols(t_r, v0, cols)
+        z_y += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
+        torch.log_softmax(z, 1, out=lq)                            # z - lse_tile
+        # Read lse_tile off the row's max, where log q ~ 0 costs no precision.
+        lq_max, arg = lq.max(dim=1)
+        lse_t = z.gather(1, arg[:, None]).squeeze(1) - lq_max      # (cn,)
+        lse = lse_t if lse is None else torch.logaddexp(lse, lse_t)
+    return lse, None, z_y
+
+
 def chunked_forward(hidden, weight, targets, inv_t, want_ent, ignore_index,
                     chunk_n=DEFAULT_CHUNK_N, chunk_v=DEFAULT_CHUNK_V):
     """Returns (logp, ent or None, lse), all [N] in the accumulation dtype."""
-    n_rows, _ = hidden.shape
+    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     acc = acc_dtype(hidden.dtype)
     dev = hidden.device
@@ -63,43 +120,15 @@ def chunked_forward(hidden, weight, targets, inv_t, want_ent, ignore_index,
     lse = torch.empty(n_rows, dtype=acc, device=dev)
     logp = torch.empty(n_rows, dtype=acc, device=dev)
     ent = torch.empty(n_rows, dtype=acc, device=dev) if want_ent else None
-
+    rows_fn = _rows_lse_ent if want_ent else _rows_lse
     for n0 in range(0, n_rows, cn):
         n1 = min(n0 + cn, n_rows)
-        rows = n1 - n0
         h = hidden[n0:n1].to(acc)                                  # (cn, H)
-        t_r = tgt[n0:n1]
-        m = torch.full((rows,), float("-inf"), dtype=acc, device=dev)
-        s = torch.zeros(rows, dtype=acc, device=dev)   # sum exp(z - m)
-        t = torch.zeros(rows, dtype=acc, device=dev)   # sum exp(z - m) (z - m)
-        z_y = torch.zeros(rows, dtype=acc, device=dev)
-        for v0 in range(0, vocab, cv):
-            v1 = min(v0 + cv, vocab)
-            cols = v1 - v0
-            z = _tile(z_buf, rows, cols)                           # (cn, cv)
-            e = _tile(e_buf, rows, cols)                           # (cn, cv)
-            # beta=0: z's stale contents are ignored; 1/T rides on the GEMM's alpha.
-            torch.addmm(z, h, weight[v0:v1].to(acc).t(), beta=0, alpha=inv_t, out=z)
-            col, hit = _target_cols(t_r, v0, cols)
-            z_y += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
-            m_new = torch.maximum(m, z.amax(dim=1))                # (cn,)
-            # Rescale old sums to the new max; m starts at -inf with s = t = 0,
-            # where (m - m_new) * s would be -inf * 0 = nan, hence the where.
-            alpha = torch.exp(m - m_new)
-            shift = torch.where(s > 0, (m - m_new) * s, 0.0)
-            z.sub_(m_new[:, None])                                 # d = z - m_new <= 0
-            torch.exp(z, out=e)
-            s = s * alpha + e.sum(dim=1)
-            if want_ent:
-                # t tracks sum exp(z-m)(z-m) relative to the running max, so that
-                # Ent = log s - t / s has no cancellation between two ~|z| terms.
-                t = alpha * (t + shift) + e.mul_(z).sum(dim=1)
-            m = m_new
-        log_s = torch.log(s)
-        lse[n0:n1] = m + log_s
-        logp[n0:n1] = z_y - lse[n0:n1]
+        lse_c, ent_c, z_y = rows_fn(h, weight, tgt[n0:n1], inv_t, z_buf, e_buf, cv)
+        lse[n0:n1] = lse_c
+        logp[n0:n1] = z_y - lse_c
         if want_ent:
-            ent[n0:n1] = log_s - t / s
+            ent[n0:n1] = ent_c
     zero = torch.zeros((), dtype=acc, device=dev)
     logp = torch.where(valid, logp, zero)
     if want_ent:
