@@ -37,15 +37,12 @@ def reward_fn(completions: list[str], metadata: list[dict]) -> tuple[list[float]
 
 
 def main(argv: list[str]) -> list[dict]:
-    from minigrpo.config import load_config
+    from minigrpo.config import load_config, split_cli
     from minigrpo.dist import destroy_distributed
     from minigrpo.model import load_tokenizer
     from minigrpo.trainer import GRPORunConfig, GRPOTrainer
 
-    config_path = None
-    if argv[:1] == ["--config"]:
-        config_path, argv = argv[1], argv[2:]
-    cfg = load_config(GRPORunConfig, config_path, argv)
+    cfg = load_config(GRPORunConfig, *split_cli(argv))
     tokenizer = load_tokenizer(cfg.model.path, require_chat_template=True)
     try:
         return GRPOTrainer(cfg, make_prompts(tokenizer), reward_fn).train()

@@ -149,7 +149,7 @@ class GRPOConfig:
 class RunConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
-    steps: int = 10  # optimizer steps (0 = one pass over the data, where the loop supports it)
+    steps: int = 10  # training steps; 0 = one pass over the data (SFT: data.epochs passes)
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 0  # keep only the newest K checkpoints (0 = all)
@@ -262,6 +262,29 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: '{p}' is not a section")
         node[leaf] = value
     return tree
+
+
+def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """An entry point's arguments -> (YAML path of `--config PATH` / `--config=PATH`, overrides).
+
+    `--resume` is shorthand for `--run.resume=true`.
+    """
+    config_path, rest = None, []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        a = items[i]
+        if a == "--config":
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ConfigError("--config needs a YAML path")
+            config_path, i = items[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+        else:
+            rest.append("--run.resume=true" if a == "--resume" else a)
+        i += 1
+    return config_path, rest
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, make_micro_batches
 from minigrpo.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from minigrpo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, to_dict
+from minigrpo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli, to_dict
 from minigrpo.dist import DistInfo, all_reduce_sum, init_distributed
 from minigrpo.model import DTYPES, LogprobModel, ModelLoadError, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -310,15 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("config sections and defaults:", json.dumps(to_dict(SFTConfig(model=ModelConfig(path="PATH"), data=DataConfig(train_file="FILE"))), indent=2))
         return 0
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        config_path = argv[i + 1] if i + 1 < len(argv) else None
-        del argv[i : i + 2]
-    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), config_path)
-    argv = ["--run.resume=true" if a == "--resume" else a for a in argv if not a.startswith("--config=")]
     try:
-        cfg = load_config(SFTConfig, config_path, argv, defaults=DEFAULTS)
+        config_path, overrides = split_cli(argv)
+        cfg = load_config(SFTConfig, config_path, overrides, defaults=DEFAULTS)
         data = prepare(cfg)
     except (ConfigError, ModelLoadError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,6 @@ lives here. The math is in `grpo.py`; this file only decides which normaliser ea
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from minigrpo import grpo
 from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, make_micro_batches
 from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from minigrpo.config import GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, section, to_dict
+from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import all_ok, all_reduce_sum, init_distributed
 from minigrpo.groups import Group, GroupSource, RewardFn, fill_with_signal, resample_groups
 from minigrpo.metrics import MetricsLogger, append_jsonl, peak_flops, truncate_jsonl
@@ -83,6 +82,8 @@ class GRPOTrainer:
         self.cfg, self.reward_fn = cfg, reward_fn
         self.dist = init_distributed()
         self.out = Path(cfg.run.output_dir)
+        if not cfg.run.resume and (self.out / "checkpoints").exists():
+            raise ConfigError(f"{self.out}/checkpoints exists: pass --run.resume=true to continue that run, or choose another run.output_dir")
         self.tokenizer = load_tokenizer(cfg.model.path)
         prompts, self.over_long = limit_prompt_length(prompts, cfg.grpo.max_prompt_tokens, cfg.grpo.over_long_prompts)
         if cfg.grpo.curriculum != "none":
@@ -90,6 +91,8 @@ class GRPOTrainer:
         if len(prompts) < self.dist.world_size:
             raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
         self.prompts = prompts
+        # run.steps = 0: one pass over the prompts left after the filters above (the paper's one epoch).
+        self.total_steps = cfg.run.steps or max(1, len(prompts) // cfg.grpo.prompts_per_step)
         self.stream = PromptStream(len(prompts), cfg.run.seed, self.dist.rank, self.dist.world_size, shuffle=cfg.grpo.curriculum != "easy_to_hard")
         self.rng = random.Random(cfg.run.seed * 7 + self.dist.rank)
 
@@ -117,7 +120,7 @@ class GRPOTrainer:
         self.source = GroupSource(self.engine, decode, reward_fn, sampling, cfg.rollout.samples_per_prompt)
         self.step = self.optimizer_steps = 0
         self.peak = peak_flops(self.dist.device)
-        self.logger = MetricsLogger(str(self.out), cfg.run.steps, self.dist.is_main, cfg.run.report_to)
+        self.logger = MetricsLogger(str(self.out), self.total_steps, self.dist.is_main, cfg.run.report_to)
 
     # ----------------------------------------------------------------------------- phases
 
@@ -202,7 +205,7 @@ class GRPOTrainer:
 
     def train_step(self) -> dict:
         cfg, t = self.cfg, {}
-        total_steps = cfg.run.steps
+        total_steps = self.total_steps
         beta = self.beta_schedule(cfg.loss.beta, self.step, total_steps)
 
         t0 = time.perf_counter()
@@ -297,17 +300,21 @@ class GRPOTrainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        if cfg.run.resume and self.resume() and self.dist.is_main:
-            print(f"resumed from step {self.step}", flush=True)
+        if cfg.run.resume and self.resume():
+            if self.dist.is_main:
+                print(f"resumed from step {self.step}", flush=True)
+        elif self.dist.is_main:  # a fresh run: no rows of an earlier, checkpoint-less attempt
+            for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
+                truncate_jsonl(self.out / name, 0)
         self.logger.start_step = self.step
         history = []
-        while self.step < cfg.run.steps:
+        while self.step < self.total_steps:
             metrics = self.train_step()
             self.step += 1
             history.append(metrics)
-            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 self.logger.log(self.step, metrics)
-            if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.run.steps:
+            if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.total_steps:
                 self.save()
         self.save()
         export_hf(self.policy, self.out / "hf", self.tokenizer)

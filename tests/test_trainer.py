@@ -213,3 +213,13 @@ def test_completions_logged_only_when_asked(tiny_model_dir, tmp_path):
     GRPOTrainer(cfg, make_prompts(load_tokenizer(tiny_model_dir), 8), reward_fn).train()
     rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(r["reward"] == reward_fn([r["completion"]], [{}])[0][0] for r in rows)
+
+
+def test_steps_zero_is_one_epoch_and_existing_run_needs_resume(tiny_model_dir, tmp_path):
+    from minigrpo.config import ConfigError
+
+    prompts = make_prompts(load_tokenizer(tiny_model_dir), 6)  # 6 prompts, 2 per step -> 3 steps
+    history = GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, "--run.steps=0", "--loss.beta=0"), prompts, reward_fn).train()
+    assert len(history) == 3
+    with pytest.raises(ConfigError, match="resume"):  # a fresh run must not write into a finished one
+        GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, "--loss.beta=0"), prompts, reward_fn)

@@ -288,9 +288,9 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def load_demo_config(argv: list[str]) -> DemoConfig:
-    from recipes.drg.sft import parse_args
+    from minigrpo.config import split_cli
 
-    config_path, overrides = parse_args(argv)
+    config_path, overrides = split_cli(argv)
     return load_config(DemoConfig, config_path or DEMO_YAML, overrides)
 
 

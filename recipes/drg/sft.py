@@ -24,7 +24,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/sft.py` from the repo root
 
 from minigrpo.checkpoint import CheckpointError
-from minigrpo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section
+from minigrpo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli
 from minigrpo.model import ModelLoadError, check_model_dir
 from minigrpo.sft import CheckpointConfig, DataConfig, DataError, SFTConfig
 
@@ -119,24 +119,11 @@ def run(cfg: DrgSFTConfig) -> dict:
     return sft.train(sft_cfg, prepared)
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(--config path or None, the --section.key=value overrides)."""
-    argv = list(argv)
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a YAML path")
-        config_path = argv[i + 1]
-        del argv[i : i + 2]
-    return config_path, ["--run.resume=true" if a == "--resume" else a for a in argv]
-
-
 def main(argv: list[str] | None = None) -> int:
     from minigrpo.dist import destroy_distributed
 
     try:
-        config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
         cfg = load_config(DrgSFTConfig, config_path, overrides)
         run(cfg)
     except (ConfigError, ValueError, ModelLoadError, DataError, CheckpointError) as e:

@@ -12,15 +12,14 @@ the config. Everything else is minigrpo.trainer.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/train.py` from the repo root
 
-from minigrpo.config import (ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, check, load_config,
-                             section)
+from minigrpo.config import ConfigError, check, load_config, section
 from minigrpo.model import ModelLoadError
 from minigrpo.prompt_data import Prompt
 from minigrpo.trainer import GRPORunConfig
@@ -42,18 +41,10 @@ class DrgDataConfig:
 
 
 @dataclass(slots=True)
-class DrgTrainConfig:
-    model: ModelConfig = section(ModelConfig)
-    optim: OptimConfig = section(OptimConfig)
-    parallel: ParallelConfig = section(ParallelConfig)
-    rollout: RolloutConfig = section(RolloutConfig)
-    loss: LossConfig = section(LossConfig)
-    grpo: GRPOConfig = section(GRPOConfig)
-    run: RunConfig = section(RunConfig)
-    data: DrgDataConfig = section(DrgDataConfig)
+class DrgTrainConfig(GRPORunConfig):
+    """minigrpo's GRPO run config plus the recipe's `data` section (the trainer ignores it)."""
 
-    def grpo_config(self) -> GRPORunConfig:
-        return GRPORunConfig(self.model, self.optim, self.parallel, self.rollout, self.loss, self.grpo, self.run)
+    data: DrgDataConfig = section(DrgDataConfig)
 
 
 def build_prompts(cases: list[dict], tokenizer) -> list[Prompt]:
@@ -91,29 +82,14 @@ def run(cfg: DrgTrainConfig) -> list[dict]:
     from minigrpo.trainer import GRPOTrainer
 
     prompts, reward_fn = load_inputs(cfg)
-    out = Path(cfg.run.output_dir)
-    if not cfg.run.resume and (out / "checkpoints").exists():
-        raise ConfigError(f"{out}/checkpoints exists: pass --run.resume=true to continue that run, or choose another run.output_dir")
-    grpo_cfg = cfg.grpo_config()
-    if cfg.run.steps == 0:  # one epoch (the paper's setting): the trainer needs the count for its schedules
-        grpo_cfg = replace(grpo_cfg, run=replace(cfg.run, steps=one_epoch_steps(cfg, prompts)))
-    return GRPOTrainer(grpo_cfg, prompts, reward_fn).train()
-
-
-def one_epoch_steps(cfg: DrgTrainConfig, prompts: list[Prompt]) -> int:
-    """Optimizer steps in one pass over the prompts left after the curriculum filter."""
-    from minigrpo.prompt_data import apply_curriculum, load_prompt_records
-
-    if cfg.grpo.curriculum != "none":
-        prompts = apply_curriculum(prompts, load_prompt_records(cfg.grpo.curriculum_records), cfg.grpo.curriculum)
-    return max(1, len(prompts) // cfg.grpo.prompts_per_step)
+    return GRPOTrainer(cfg, prompts, reward_fn).train()  # run.steps 0 = one epoch, counted by the trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     from minigrpo.checkpoint import CheckpointError
     from minigrpo.dist import destroy_distributed
 
-    from recipes.drg.sft import parse_args
+    from minigrpo.config import split_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or "--demo" in argv:  # `train.py` alone, or `train.py --demo [--config X] [--a.b=v]`
@@ -121,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo.main([a for a in argv if a != "--demo"])
     try:
-        config_path, overrides = parse_args(argv)
+        config_path, overrides = split_cli(argv)
         cfg = load_config(DrgTrainConfig, config_path, overrides)
         run(cfg)
     except (ConfigError, ValueError, FileNotFoundError, ModelLoadError, CheckpointError) as e:
