@@ -28,9 +28,9 @@ import torch
 
 from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, make_micro_batches
 from minigrpo.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from minigrpo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli, to_dict
+from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli, to_dict
 from minigrpo.dist import DistInfo, all_reduce_sum, init_distributed
-from minigrpo.model import DTYPES, LogprobModel, ModelLoadError, load_model, load_tokenizer
+from minigrpo.model import DTYPES, LogprobModel, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import shard_model
 
@@ -310,23 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("config sections and defaults:", json.dumps(to_dict(SFTConfig(model=ModelConfig(path="PATH"), data=DataConfig(train_file="FILE"))), indent=2))
         return 0
-    try:
-        config_path, overrides = split_cli(argv)
-        cfg = load_config(SFTConfig, config_path, overrides, defaults=DEFAULTS)
-        data = prepare(cfg)
-    except (ConfigError, ModelLoadError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg, data)
-    except (ModelLoadError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from minigrpo.dist import destroy_distributed
+    from minigrpo.cli import run_command
 
-        destroy_distributed()
-    return 0
+    def body() -> None:
+        cfg = load_config(SFTConfig, *split_cli(argv), defaults=DEFAULTS)
+        train(cfg, prepare(cfg))  # prepare() checks every input before anything is written
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -295,19 +295,9 @@ def load_demo_config(argv: list[str]) -> DemoConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minigrpo.checkpoint import CheckpointError
-    from minigrpo.dist import destroy_distributed
-    from minigrpo.model import ModelLoadError
+    from minigrpo.cli import run_command
 
-    try:
-        run(load_demo_config(list(sys.argv[1:] if argv is None else argv)))
-    except (ConfigError, ValueError, ModelLoadError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
-
+    return run_command(lambda: run(load_demo_config(list(sys.argv[1:] if argv is None else argv))))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,10 +23,9 @@ from typing import Literal
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/sft.py` from the repo root
 
-from minigrpo.checkpoint import CheckpointError
-from minigrpo.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli
-from minigrpo.model import ModelLoadError, check_model_dir
-from minigrpo.sft import CheckpointConfig, DataConfig, DataError, SFTConfig
+from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli
+from minigrpo.model import check_model_dir
+from minigrpo.sft import CheckpointConfig, DataConfig, SFTConfig
 
 from recipes.drg.prompts import build_messages, format_completion
 from recipes.drg.records import read_cases, write_jsonl_atomic
@@ -120,19 +119,9 @@ def run(cfg: DrgSFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minigrpo.dist import destroy_distributed
+    from minigrpo.cli import run_command
 
-    try:
-        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(DrgSFTConfig, config_path, overrides)
-        run(cfg)
-    except (ConfigError, ValueError, ModelLoadError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
-
+    return run_command(lambda: run(load_config(DrgSFTConfig, *split_cli(sys.argv[1:] if argv is None else argv))))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,7 @@ from typing import Literal
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/train.py` from the repo root
 
-from minigrpo.config import ConfigError, check, load_config, section
-from minigrpo.model import ModelLoadError
+from minigrpo.config import check, load_config, section
 from minigrpo.prompt_data import Prompt
 from minigrpo.trainer import GRPORunConfig
 
@@ -86,9 +85,7 @@ def run(cfg: DrgTrainConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minigrpo.checkpoint import CheckpointError
-    from minigrpo.dist import destroy_distributed
-
+    from minigrpo.cli import run_command
     from minigrpo.config import split_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,17 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from recipes.drg import demo
 
         return demo.main([a for a in argv if a != "--demo"])
-    try:
-        config_path, overrides = split_cli(argv)
-        cfg = load_config(DrgTrainConfig, config_path, overrides)
-        run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, ModelLoadError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
-
+    return run_command(lambda: run(load_config(DrgTrainConfig, *split_cli(argv))))
 
 if __name__ == "__main__":
     sys.exit(main())
