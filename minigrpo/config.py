@@ -35,7 +35,6 @@ class ModelConfig:
     path: str = ""  # local folder with config.json, *.safetensors and tokenizer files
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -67,7 +66,7 @@ class OptimConfig:
 class ParallelConfig:
     mixed_precision: bool = True  # bf16 compute with fp32 master weights on CUDA; ignored on CPU
     reshard_after_forward: bool = True
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
     micro_batch_size: int = 4  # sequences per forward/backward
 
     def __post_init__(self) -> None:

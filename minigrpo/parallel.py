@@ -91,8 +91,7 @@ def shard_model(
 ) -> nn.Module:
     """Shard a trainable `LogprobModel` in place (fp32 master weights) and put it in train mode.
 
-    `activation_checkpointing` overrides `cfg.activation_checkpointing` (e.g. from
-    `ModelConfig.gradient_checkpointing`).
+    `activation_checkpointing` overrides `cfg.activation_checkpointing`.
     """
     model.float()  # master weights in fp32 even if the checkpoint was bf16; compute dtype is the MP policy's
     if cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:

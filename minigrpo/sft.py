@@ -259,9 +259,8 @@ def train(cfg: SFTConfig, data: Prepared) -> dict:
     out = Path(cfg.run.output_dir)
     ckpt_root = out / "checkpoints"
     torch.manual_seed(cfg.run.seed)
-    ac = cfg.parallel.activation_checkpointing or cfg.model.gradient_checkpointing
     lm = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    model = shard_model(LogprobModel(lm), cfg.parallel, info, activation_checkpointing=ac)
+    model = shard_model(LogprobModel(lm), cfg.parallel, info)
     optimizer = build_optimizer(model, cfg.optim)
     steps = total_steps(cfg, len(data.train))
     pad_id = data.tokenizer.pad_token_id

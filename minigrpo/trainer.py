@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -88,6 +88,8 @@ class GRPOTrainer:
         prompts, self.over_long = limit_prompt_length(prompts, cfg.grpo.max_prompt_tokens, cfg.grpo.over_long_prompts)
         if cfg.grpo.curriculum != "none":
             prompts = apply_curriculum(prompts, load_prompt_records(cfg.grpo.curriculum_records), cfg.grpo.curriculum)
+        if cfg.grpo.prompts_per_step % self.dist.world_size:
+            raise ConfigError(f"config key 'grpo.prompts_per_step': {cfg.grpo.prompts_per_step} does not split over {self.dist.world_size} ranks")
         if len(prompts) < self.dist.world_size:
             raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
         self.prompts = prompts
@@ -100,7 +102,7 @@ class GRPOTrainer:
         torch.manual_seed(cfg.run.seed)
         policy_lm = load_model(cfg.model.path, "float32", cfg.model.attn_implementation, cfg.model.trust_remote_code)
         self.n_params = sum(p.numel() for p in policy_lm.parameters())
-        self.policy = shard_model(LogprobModel(policy_lm), cfg.parallel, self.dist, activation_checkpointing=cfg.model.gradient_checkpointing)
+        self.policy = shard_model(LogprobModel(policy_lm), cfg.parallel, self.dist)
         self.ref = None
         if cfg.loss.beta > 0:
             ref_lm = load_model(cfg.model.path, "float32", cfg.model.attn_implementation, cfg.model.trust_remote_code)
@@ -129,7 +131,7 @@ class GRPOTrainer:
         g = self.cfg.grpo
         per_rank = g.prompts_per_step // self.dist.world_size
         draw = lambda k: [self.prompts[i] for i in self.stream.take(k)]  # noqa: E731
-        self.source.sampling = _with_seed(self.source.sampling, self.cfg.run.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
+        self.source.sampling = replace(self.source.sampling, seed=self.cfg.run.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
         groups = self.source.generate(draw(per_rank))
         info = {"groups_generated": len(groups)}
         if g.dynamic_resampling != "off":
@@ -319,12 +321,6 @@ class GRPOTrainer:
         self.save()
         export_hf(self.policy, self.out / "hf", self.tokenizer)
         return history
-
-
-def _with_seed(sampling: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sampling, seed=seed)
 
 
 def _jsonable_rng(state) -> list:

@@ -223,3 +223,13 @@ def test_steps_zero_is_one_epoch_and_existing_run_needs_resume(tiny_model_dir, t
     assert len(history) == 3
     with pytest.raises(ConfigError, match="resume"):  # a fresh run must not write into a finished one
         GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, "--loss.beta=0"), prompts, reward_fn)
+
+
+def test_prompts_per_step_must_split_over_ranks(tiny_model_dir, tmp_path, monkeypatch):
+    from minigrpo import dist as dist_mod
+    from minigrpo.config import ConfigError
+
+    info = dist_mod.init_distributed()
+    monkeypatch.setattr("minigrpo.trainer.init_distributed", lambda: dist_mod.DistInfo(0, 2, 0, info.device, info.backend))
+    with pytest.raises(ConfigError, match="grpo.prompts_per_step"):
+        GRPOTrainer(make_cfg(tiny_model_dir, tmp_path, "--grpo.prompts_per_step=3"), make_prompts(load_tokenizer(tiny_model_dir), 8), reward_fn)
