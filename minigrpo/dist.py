@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,18 @@ def init_distributed(timeout_minutes: float = 30.0, use_cuda: bool | None = None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
+_TEARDOWN: list[weakref.WeakMethod] = []
+
+
+def on_teardown(method) -> None:
+    """Call the bound `method` in destroy_distributed, before the process group goes.
+
+    For objects holding sub-groups of it (an in-process vLLM engine), which must shut down while the
+    group still exists. Held weakly: an object dropped earlier is simply skipped.
+    """
+    _TEARDOWN.append(weakref.WeakMethod(method))
+
+
 def destroy_distributed() -> None:
     """Tear the process group down (call it from a `finally:` at the end of an entry point).
 
@@ -61,11 +74,14 @@ def destroy_distributed() -> None:
     exit abort the process ("terminate called without an active exception", seen in CI). While an
     exception propagates the barrier is skipped: a failed peer may never reach it.
     """
-    if not dist.is_initialized():
-        return
-    if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+    if dist.is_initialized() and sys.exc_info()[0] is None and dist.get_world_size() > 1:
         dist.barrier()
-    dist.destroy_process_group()
+    while _TEARDOWN:
+        method = _TEARDOWN.pop()()
+        if method is not None:
+            method()
+    if dist.is_initialized():  # vLLM's shutdown may already have destroyed it
+        dist.destroy_process_group()
 
 
 def rank() -> int:

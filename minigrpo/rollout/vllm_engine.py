@@ -84,6 +84,9 @@ class VLLMEngine:
         kwargs.update(llm_kwargs)
         with _rng_scope(seed):  # vLLM seeds the global RNG at start-up; keep the trainer's stream
             self.llm = LLM(**kwargs)
+        from minigrpo.dist import on_teardown
+
+        on_teardown(self.close)  # vLLM's exit-time finalizer would find our process group gone
         cfg = self.llm.llm_engine.model_config
         self._max_context = int(cfg.max_model_len)
         self.vocab_size = int(cfg.get_vocab_size())
@@ -97,6 +100,13 @@ class VLLMEngine:
 
     def max_context(self) -> int:
         return self._max_context
+
+    def close(self) -> None:
+        """Shut the engine down (idempotent). vLLM then destroys its process groups and torch's
+        default group too, so minigrpo.dist.destroy_distributed calls this before its own teardown."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
     def sleep(self) -> None:
         """Free accelerator memory while the trainer runs (level 1: weights to host, KV cache dropped)."""
