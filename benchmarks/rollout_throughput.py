@@ -1,6 +1,6 @@
 """Rollout throughput: TorchEngine and VLLMEngine against HF `generate` on the same model and batch.
 
-    python benchmarks/rollout_throughput.py                      # small preset, 16 prompts x 8 x 128, T=1
+    python benchmarks/rollout_throughput.py                      # base preset (~52M), 16 prompts x 8 x 128, T=1
     python benchmarks/rollout_throughput.py --model /path/to/hf --dtypes bfloat16 --engines vllm,hf
 
 Each dtype runs in its own subprocess (an in-process vLLM pins torch's thread count and global
@@ -144,7 +144,8 @@ def _vocab_size(model_dir) -> int:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF model folder (default: build the 'small' preset in a temp dir)")
+    ap.add_argument("--model", default=None, help="HF model folder (default: build --preset in a temp dir)")
+    ap.add_argument("--preset", default="base", choices=["tiny", "small", "base"], help="minigrpo.tiny preset built when no --model is given (base: ~52M params)")
     ap.add_argument("--engines", default="hf,torch,vllm")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--prompts", type=int, default=16)
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
         from minigrpo.tiny import build_tiny
 
         tmp = tempfile.TemporaryDirectory(prefix="rollout_bench_")
-        args.model = str(build_tiny(Path(tmp.name) / "small", corpus(), preset="small", seed=0))
+        args.model = str(build_tiny(Path(tmp.name) / args.preset, corpus(), preset=args.preset, seed=0))
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(args.model)

@@ -47,6 +47,8 @@ PRESETS = {
     "tiny": TinyPreset(512, 64, 128, 2, 2, 1, 2048),
     # ~28M parameters: rollout and update benchmarks on CPU.
     "small": TinyPreset(8192, 512, 1536, 8, 8, 2, 4096),
+    # ~52M parameters: the rollout benchmark's "~50M" model.
+    "base": TinyPreset(8192, 512, 1536, 16, 8, 2, 4096),
 }
 
 
