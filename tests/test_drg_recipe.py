@@ -187,3 +187,13 @@ def test_miniature_pipeline(tmp_path):
     assert "| DRG | Pass@1 |" in (out / "summary.md").read_text()
     # a re-run replaces the previous demo output
     assert demo.prepare_output_dir(out) is None and not (out / "summary.json").exists()
+
+
+def test_recipe_sft_config_keeps_minigrpo_sft_defaults():
+    """DrgSFTConfig extends SFTConfig: run.steps defaults to 0 (data.epochs passes), not RunConfig's 10."""
+    from recipes.drg.sft import DrgSFTConfig
+
+    from minigrpo.sft import SFTConfig
+
+    cfg = DrgSFTConfig()
+    assert isinstance(cfg, SFTConfig) and cfg.run.steps == 0 and cfg.data.epochs >= 1

@@ -23,9 +23,9 @@ from typing import Literal
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/sft.py` from the repo root
 
-from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli
+from minigrpo.config import check, load_config, section, split_cli
 from minigrpo.model import check_model_dir
-from minigrpo.sft import CheckpointConfig, DataConfig, SFTConfig
+from minigrpo.sft import SFTConfig
 
 from recipes.drg.prompts import build_messages, format_completion
 from recipes.drg.records import read_cases, write_jsonl_atomic
@@ -48,23 +48,19 @@ class CasesConfig:
 
 
 @dataclass(slots=True)
-class DrgSFTConfig:
-    """minigrpo.sft's sections plus `cases`; data.train_file is filled in from the cases."""
+class DrgSFTConfig(SFTConfig):
+    """minigrpo.sft's config plus `cases`; data.train_file is filled in from the cases."""
 
-    model: ModelConfig = section(ModelConfig)
-    optim: OptimConfig = section(OptimConfig)
-    parallel: ParallelConfig = section(ParallelConfig)
-    run: RunConfig = section(RunConfig)
-    data: DataConfig = section(DataConfig)
-    checkpoint: CheckpointConfig = section(CheckpointConfig)
     cases: CasesConfig = section(CasesConfig)
 
+    def __post_init__(self) -> None:
+        pass  # model.path and the data source are checked by run(), which knows about `cases`
+
     def sft_config(self) -> SFTConfig:
-        """The minigrpo SFT config; data.train_file points at the recipe's rows when built from cases."""
+        """The config minigrpo.sft runs: data.train_file points at the recipe's rows when built from cases."""
         from dataclasses import replace
 
-        data = replace(self.data, train_file=str(Path(self.run.output_dir) / ROWS_FILE)) if self.cases.train_file else self.data
-        return SFTConfig(self.model, self.optim, self.parallel, self.run, data, self.checkpoint)
+        return replace(self, data=replace(self.data, train_file=str(Path(self.run.output_dir) / ROWS_FILE))) if self.cases.train_file else self
 
 
 def case_rows(cases: list[dict], missing_cot: str = "error", where: str = "cases") -> list[dict]:
