@@ -49,8 +49,20 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
 # ----------------------------------------------------------------------------- RNG
 
 
+def python_rng_to_json(state: tuple) -> list:
+    """A `random.Random.getstate()` tuple as JSON-able lists."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def python_rng_from_json(state: list) -> tuple:
+    """The inverse of python_rng_to_json, for `random.Random.setstate`."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
 def rng_state() -> dict:
-    state: dict[str, Any] = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    state: dict[str, Any] = {"python": python_rng_to_json(random.getstate()), "torch": torch.get_rng_state().tolist()}
     try:
         import numpy as np
 
@@ -64,8 +76,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(python_rng_from_json(state["python"]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "numpy" in state:
         import numpy as np
@@ -74,10 +85,6 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _jsonable(x: Any) -> Any:
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -21,7 +21,7 @@ import torch
 
 from minigrpo import grpo
 from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, make_micro_batches
-from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, python_rng_from_json, python_rng_to_json, save_checkpoint
 from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import all_ok, all_reduce_sum, init_distributed
 from minigrpo.groups import Group, GroupSource, RewardFn, fill_with_signal, resample_groups
@@ -279,7 +279,7 @@ class GRPOTrainer:
     def _gather_streams(self) -> list:
         gathered = [None] * self.dist.world_size
         torch.distributed.all_gather_object(gathered, {"stream": self.stream.state_dict(), "rng": self.rng.getstate()})
-        return [{"stream": g["stream"], "rng": _jsonable_rng(g["rng"])} for g in gathered]
+        return [{"stream": g["stream"], "rng": python_rng_to_json(g["rng"])} for g in gathered]
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.out / "checkpoints")
@@ -290,7 +290,7 @@ class GRPOTrainer:
         self.step, self.optimizer_steps = int(state["step"]), int(state["optimizer_steps"])
         mine = state["streams"][self.dist.rank]
         self.stream.load_state_dict(mine["stream"])
-        self.rng.setstate(_rng_from_json(mine["rng"]))
+        self.rng.setstate(python_rng_from_json(mine["rng"]))
         self.sync_weights()  # the engine still holds the initial weights
         if self.dist.is_main:  # rows logged after the checkpoint by the interrupted run are redone
             for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
@@ -321,13 +321,3 @@ class GRPOTrainer:
         self.save()
         export_hf(self.policy, self.out / "hf", self.tokenizer)
         return history
-
-
-def _jsonable_rng(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_from_json(state) -> tuple:
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
