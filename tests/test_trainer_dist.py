@@ -6,21 +6,13 @@ The test asks the mean of the last 3 steps to exceed the first 3 by 0.3.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+from launch import run  # noqa: E402
 
 
 def vllm_available() -> bool:
@@ -36,15 +28,12 @@ def vllm_available() -> bool:
 @pytest.mark.parametrize("engine", ["torch", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vllm not installed"))])
 def test_grpo_raises_reward_under_torchrun(tiny_model_dir, tmp_path, engine):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    args = [
         "-m", "examples.digits", f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", f"--rollout.engine={engine}",
         "--run.steps=10", "--grpo.prompts_per_step=8", "--rollout.samples_per_prompt=8", "--rollout.max_new_tokens=8",
         "--optim.lr=2e-2", "--loss.beta=0", "--loss.aggregation=token_mean", "--parallel.micro_batch_size=8",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run(args, nproc=2, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, timeout=900)  # asserts exit 0, with the output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [row["reward_mean"] for row in rows]
     assert len(rewards) == 10
