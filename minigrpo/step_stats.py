@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from minigrpo.dist import all_reduce_sum, comm_device
+from minigrpo.dist import all_gather_object, all_reduce_sum, comm_device
 
 SUM_KEYS = ("loss", "tokens", "ratio_sum", "kl_sum", "clip_low_count", "clip_high_count", "clip_dual_count", "entropy_sum", "sampler_diff_sum", "trained_tokens")
 
@@ -43,7 +43,10 @@ class StepStats:
         rewards = [r for g in groups for r in g.rewards]
         lengths = [len(c.token_ids) for g in groups for c in g.completions]
         truncated = [c.finish_reason == "length" for g in groups for c in g.completions]
-        component_names = sorted({k for g in groups for k in g.components})
+        # Every rank must reduce a vector of the same length: agree on the component names (a rank left
+        # with no groups, e.g. after DAPO filtering, has none of its own).
+        component_names = sorted(set().union(*all_gather_object(sorted({k for g in groups for k in g.components}))))
+        resampled = "resampled" in info
         names = list(SUM_KEYS) + ["n_rewards", "reward_sum", "reward_sq", "len_sum", "truncated", "zero_var", "groups"]
         local = [self.sums[k] for k in SUM_KEYS] + [
             len(rewards), sum(rewards), sum(r * r for r in rewards), sum(lengths), sum(truncated),
@@ -55,6 +58,9 @@ class StepStats:
         for c in component_names:
             names.append("component_" + c)
             local.append(sum(x for g in groups for x in g.components.get(c, [])))
+        if resampled:
+            names += ["resample_attempts", "resample_std"]
+            local += [sum(g.attempts for g in groups), sum(g.std for g in groups)]
         total = dict(zip(names, all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()))
         extremes = torch.tensor([-self.ratio_min, self.ratio_max, -min(lengths, default=1 << 30), max(lengths, default=0)], dtype=torch.float64, device=comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -91,10 +97,9 @@ class StepStats:
             m[f"reward_{c}"] = total["component_" + c] / n
         if "correct" in component_names:
             m["accuracy"] = m["reward_correct"]
-        for k in ("groups_dropped",):
-            if k in info:
-                m[k] = int(total[k])
-        for k in ("resample_attempts_mean", "resample_final_std_mean"):
-            if k in info:
-                m[k] = float(all_reduce_sum(info[k] * len(groups)).item()) / max(total["groups"], 1)
+        if "groups_dropped" in info:
+            m["groups_dropped"] = int(total["groups_dropped"])
+        if resampled:  # over the groups trained on
+            m["resample_attempts_mean"] = total["resample_attempts"] / max(total["groups"], 1)
+            m["resample_final_std_mean"] = total["resample_std"] / max(total["groups"], 1)
         return m

@@ -136,8 +136,7 @@ class GRPOTrainer:
         info = {"groups_generated": len(groups)}
         if g.dynamic_resampling != "off":
             groups = resample_groups(self.source, groups, g.dynamic_resampling, g.resample_attempts, g.resample_temperatures, g.resample_min_std, g.resample_positive_threshold, self.rng)
-            info["resample_attempts_mean"] = sum(x.attempts for x in groups) / max(len(groups), 1)
-            info["resample_final_std_mean"] = sum(x.std for x in groups) / max(len(groups), 1)
+            info["resampled"] = True  # step_stats reports attempts and final std over the groups trained on
         if g.filter_zero_variance:
             groups, dropped = fill_with_signal(self.source, groups, draw, per_rank, g.filter_max_rounds)
             info["groups_dropped"] = dropped

@@ -41,3 +41,12 @@ def test_grpo_raises_reward_under_torchrun(tiny_model_dir, tmp_path, engine):
     assert last > first + 0.3, rewards
     assert all(row["groups"] == 8 for row in rows)  # 4 groups per rank, both ranks counted
     assert (out / "hf" / "model.safetensors").is_file() or any((out / "hf").glob("*.safetensors"))
+
+
+def test_step_stats_reduce_when_a_rank_has_no_groups():
+    """Every rank reduces the same vector even when one holds no groups (its reward components unknown)."""
+    out = run([str(Path(__file__).resolve().parent / "dist" / "step_stats_empty_rank.py")], nproc=2, timeout=120)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["groups"] == 1 and m["reward_mean"] == 0.5 and m["accuracy"] == 0.5
+    assert m["truncated_frac"] == 0.5 and m["completion_len_max"] == 2 and m["completion_len_min"] == 1
+    assert m["resample_attempts_mean"] == 3.0 and m["resample_final_std_mean"] == 0.5
