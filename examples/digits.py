@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from minigrpo.prompt_data import Prompt
+from minigrpo.rl.prompts import Prompt
 
 WORDS = ["patient", "admitted", "chest", "pain", "heart", "failure", "sepsis", "stable", "course", "home"]
 

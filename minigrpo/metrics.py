@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from minigrpo.io import append_jsonl
+
 # Dense bf16 peak, per GPU, from the vendors' datasheets.
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -32,31 +34,6 @@ def peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
-    """Keep the rows of steps <= last_step (a resumed run redoes the rest); atomic, tolerant of a cut-off last line."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by the crash
-            if row.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

@@ -24,14 +24,15 @@ from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, m
 from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, python_rng_from_json, python_rng_to_json, save_checkpoint
 from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import all_ok, all_reduce_sum, init_distributed
-from minigrpo.groups import Group, GroupSource, RewardFn, fill_with_signal, resample_groups
-from minigrpo.metrics import MetricsLogger, append_jsonl, peak_flops, truncate_jsonl
+from minigrpo.rl.groups import Group, GroupSource, RewardFn, fill_with_signal, resample_groups
+from minigrpo.io import append_jsonl, truncate_jsonl
+from minigrpo.metrics import MetricsLogger, peak_flops
 from minigrpo.model import LogprobModel, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference
-from minigrpo.prompt_data import Prompt, PromptStream, apply_curriculum, limit_prompt_length, load_prompt_records
-from minigrpo.rollout import SamplingParams, TorchEngine
-from minigrpo.step_stats import StepStats
+from minigrpo.rl.prompts import Prompt, PromptStream, apply_curriculum, limit_prompt_length, load_prompt_records
+from minigrpo.rollout import SamplingParams, make_engine
+from minigrpo.rl.stats import StepStats
 
 ADVANTAGES = {"grpo": grpo.grpo_advantages, "drgrpo": grpo.drgrpo_advantages, "rloo": grpo.rloo_advantages}
 
@@ -49,19 +50,6 @@ class GRPORunConfig:
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def build_engine(rollout: RolloutConfig, model: ModelConfig, dist_info, seed: int):
-    """The rollout engine of `rollout.engine`, loaded from the policy's folder, on this rank's device."""
-    dtype = "bfloat16" if dist_info.device.type == "cuda" else "float32"
-    if rollout.engine == "torch":
-        return TorchEngine(model.path, dtype=dtype, device=dist_info.device, attn_implementation=model.attn_implementation)
-    from minigrpo.rollout.vllm_engine import VLLMEngine
-
-    return VLLMEngine(
-        model.path, dtype=dtype, seed=seed, kv_cache_memory_gb=rollout.kv_cache_memory_gb,
-        gpu_memory_utilization=rollout.gpu_memory_utilization, enable_sleep_mode=rollout.sleep_between_steps,
-    )  # fmt: skip
 
 
 def make_aggregate(name: str, n_tokens: int, n_sequences: int, n_micro_batches: int, max_completion_tokens: int):
@@ -114,7 +102,7 @@ class GRPOTrainer:
         # The engine is created after the process group on every rank (vLLM needs that order) and may
         # reseed the global RNG: nothing below depends on the global RNG.
         rng_state = torch.get_rng_state()
-        self.engine = build_engine(cfg.rollout, cfg.model, self.dist, seed=cfg.run.seed + self.dist.rank)
+        self.engine = make_engine(cfg.rollout, cfg.model.path, self.dist.device, cfg.run.seed + self.dist.rank, cfg.model.attn_implementation)
         torch.set_rng_state(rng_state)
         stop = tuple(t for t in [self.tokenizer.eos_token_id] if t is not None)
         sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens, stop, seed=cfg.run.seed)

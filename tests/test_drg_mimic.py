@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from recipes.drg.course import (BRIEF_TO_ADMISSION_MEDS, BRIEF_TO_DISCHARGE_MEDS, BROAD_HEADER,
+from recipes.drg.prep.course import (BRIEF_TO_ADMISSION_MEDS, BRIEF_TO_DISCHARGE_MEDS, BROAD_HEADER,
                                 extract_course)
-from recipes.drg.mimic import main, map_to_v34, normalize_description, prepare
+from recipes.drg.prep.mimic import main, map_to_v34, normalize_description, prepare
 from recipes.drg.records import read_cases, stratified_split
 from recipes.drg.tables import load_tables
 

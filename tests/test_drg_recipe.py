@@ -28,7 +28,7 @@ def config_class(path: Path):
 @pytest.fixture(scope="module")
 def cases_file(tmp_path_factory) -> Path:
     from recipes.drg.records import write_jsonl_atomic
-    from recipes.drg.synthetic import generate
+    from recipes.drg.prep.synthetic import generate
 
     path = tmp_path_factory.mktemp("drg") / "cases.jsonl"
     write_jsonl_atomic(path, generate(6, seed=1, difficulty="easy", num_drgs=3))

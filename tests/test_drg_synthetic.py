@@ -7,7 +7,7 @@ import pytest
 
 from recipes.drg.records import RECORD_FIELDS, read_cases
 from recipes.drg.rewards import make_reward
-from recipes.drg.synthetic import Generator, Grouper, generate, main, regroup
+from recipes.drg.prep.synthetic import Generator, Grouper, generate, main, regroup
 from recipes.drg.tables import load_tables
 
 TABLES = load_tables()

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from minigrpo.groups import GroupSource, fill_with_signal, needs_resample, resample_groups
-from minigrpo.prompt_data import Prompt, PromptStream, apply_curriculum, limit_prompt_length
+from minigrpo.rl.groups import GroupSource, fill_with_signal, needs_resample, resample_groups
+from minigrpo.rl.prompts import Prompt, PromptStream, apply_curriculum, limit_prompt_length
 from minigrpo.rollout import Completion, SamplingParams
 
 

@@ -1,12 +1,14 @@
-"""Rollout engines behind one interface (see base.py): the built-in TorchEngine and VLLMEngine.
+"""Rollout engines behind one interface (see base.py): the built-in TorchEngine and VLLMEngine;
+`make_engine` (factory.py) builds the one a `RolloutConfig` names.
 
 `VLLMEngine` is imported lazily, so minigrpo works without vllm installed.
 """
 
 from minigrpo.rollout.base import Completion, RolloutEngine, SamplingParams, check_request
 from minigrpo.rollout.torch_engine import TorchEngine
+from minigrpo.rollout.factory import make_engine
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "TorchEngine", "VLLMEngine", "check_request"]
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "TorchEngine", "VLLMEngine", "check_request", "make_engine"]
 
 
 def __getattr__(name: str):

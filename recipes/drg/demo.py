@@ -238,7 +238,7 @@ def run(cfg: DemoConfig) -> dict:
     data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "grpo", "test")}
     model_dir = out / "model"
     if main_rank:
-        from recipes.drg.synthetic import generate
+        from recipes.drg.prep.synthetic import generate
 
         d = cfg.demo
         n = d.sft_cases + d.grpo_cases + d.test_cases

@@ -51,11 +51,11 @@ class EvalSettings:
 
 def build_engine(model_path: str, settings: EvalSettings, dist_info):
     """The trainer's engine of `settings.engine`, loaded from `model_path` on this rank's device."""
-    from minigrpo.config import ModelConfig, RolloutConfig
-    from minigrpo.trainer import build_engine as trainer_engine
+    from minigrpo.config import RolloutConfig
+    from minigrpo.rollout import make_engine
 
     rollout = RolloutConfig(engine=settings.engine, max_new_tokens=settings.max_new_tokens, gpu_memory_utilization=settings.gpu_memory_utilization, sleep_between_steps=False)
-    return trainer_engine(rollout, ModelConfig(path=model_path), dist_info, settings.seed + dist_info.rank)
+    return make_engine(rollout, model_path, dist_info.device, settings.seed + dist_info.rank)
 
 
 def sample_completions(engine, tokenizer, cases: list[dict], settings: EvalSettings, seed: int, progress: bool = False) -> list[list[str]]:

@@ -20,7 +20,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/train.py` from the repo root
 
 from minigrpo.config import check, load_config, section
-from minigrpo.prompt_data import Prompt
+from minigrpo.rl.prompts import Prompt
 from minigrpo.trainer import GRPORunConfig
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from minigrpo.dist import destroy_distributed, init_distributed  # noqa: E402
-from minigrpo.groups import Group  # noqa: E402
-from minigrpo.prompt_data import Prompt  # noqa: E402
+from minigrpo.rl.groups import Group  # noqa: E402
+from minigrpo.rl.prompts import Prompt  # noqa: E402
 from minigrpo.rollout import Completion  # noqa: E402
-from minigrpo.step_stats import StepStats  # noqa: E402
+from minigrpo.rl.stats import StepStats  # noqa: E402
 
 info = init_distributed()
 groups = []

@@ -1,6 +1,6 @@
 """MIMIC-IV preparation for DRG coding, as PAPER.md "Data" describes it.
 
-    python -m recipes.drg.mimic --drgcodes hosp/drgcodes.csv.gz \
+    python -m recipes.drg.prep.mimic --drgcodes hosp/drgcodes.csv.gz \
         --discharge note/discharge.csv.gz --out data/drg_mimic [--seed 42]
 
 1. drgcodes (hadm_id, drg_type, drg_code, description): keep HCFA rows, normalise the
@@ -28,7 +28,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from recipes.drg.course import extract_course
+from recipes.drg.prep.course import extract_course
 from recipes.drg.records import make_record, stratified_split, write_jsonl_atomic
 from recipes.drg.tables import DrgTables, load_tables
 

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
-from minigrpo.prompt_data import Prompt
+from minigrpo.rl.prompts import Prompt
 
 RewardFn = Callable[[list[str], list[dict]], tuple[list[float], dict[str, list[float]]]]
 

@@ -1,6 +1,6 @@
 """Synthetic DRG cases labelled by a real MS-DRG grouper (drgpy), for runs without MIMIC-IV.
 
-    python -m recipes.drg.synthetic --out data/drg_synth.jsonl --n 2000 --seed 0 \
+    python -m recipes.drg.prep.synthetic --out data/drg_synth.jsonl --n 2000 --seed 0 \
         [--difficulty easy|medium|hard] [--drgs K] [--principals J18,I50,...] [--paraphrase 0-2]
 
 A case: a principal diagnosis (ICD-10-CM) or, for surgical DRGs, a principal diagnosis plus an
@@ -34,8 +34,8 @@ import icd10
 from drgpy.msdrg import DRGEngine
 
 from recipes.drg.records import make_record, write_jsonl_atomic
-from recipes.drg.synthetic_render import (Case, Secondary, render_cot, render_course)
-from recipes.drg.synthetic_vocab import (HISTORY_MENTIONS, NON_OR_PROCEDURES, PRINCIPAL_CATEGORIES,
+from recipes.drg.prep.synthetic_render import (Case, Secondary, render_cot, render_course)
+from recipes.drg.prep.synthetic_vocab import (HISTORY_MENTIONS, NON_OR_PROCEDURES, PRINCIPAL_CATEGORIES,
                                          RULED_OUT, SECONDARY_CARE, SURGICAL_CASES)
 from recipes.drg.tables import DrgEntry, DrgTables, load_tables
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import icd10
 
 from recipes.drg.prompts import format_completion
-from recipes.drg.synthetic_vocab import NON_OR_PROCEDURES, SECONDARY_CARE, SHORTHAND
+from recipes.drg.prep.synthetic_vocab import NON_OR_PROCEDURES, SECONDARY_CARE, SHORTHAND
 from recipes.drg.tables import SEVERITY_NAMES, DrgEntry
 
 _UNSPECIFIED = re.compile(r",?\s*\b(unspecified|not elsewhere classified|NOS)\b( site| organism)?",

@@ -1,0 +1,102 @@
+"""Small file helpers shared by every module that writes or reads run files.
+
+- `atomic_write_text` / `write_json_atomic` / `write_jsonl_atomic`: write to a temporary file in the
+  same folder, then `os.replace` it into place, so a reader (or a crash) never sees half a file.
+- `read_jsonl`: one dict per non-blank line; a bad line is a `DataError` naming `file:line`.
+- `append_jsonl` / `truncate_jsonl`: the step logs (`metrics.jsonl`, ...) and their cut on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class DataError(ValueError):
+    """A data file or row the user supplied is unusable; the message names the file (and line)."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2, fsync: bool = False) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent), fsync=fsync)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL atomically; returns the number of rows."""
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) for every non-blank line; DataError naming file:line for a bad one."""
+    if not os.path.isfile(path):
+        raise DataError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not line:
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every row of a JSONL file (see `iter_jsonl` for the errors)."""
+    return [row for _, row in iter_jsonl(path)]
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the rows of steps <= last_step (a resumed run redoes the rest); atomic, tolerant of a
+    cut-off last line."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the crash
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))

@@ -1,0 +1,33 @@
+"""`make_engine`: the rollout engine a `RolloutConfig` names, loaded from a model folder on a device.
+
+The one place engine settings meet the config, used by the trainer and by evaluation alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from minigrpo.config import RolloutConfig
+from minigrpo.rollout.base import RolloutEngine
+from minigrpo.rollout.torch_engine import TorchEngine
+
+
+def make_engine(
+    rollout: RolloutConfig, model_path: str | os.PathLike, device: torch.device, seed: int, attn_implementation: str = "sdpa"
+) -> RolloutEngine:
+    """The engine of `rollout.engine`: bf16 on CUDA, fp32 elsewhere (exact against the fp32 trainer)."""
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if rollout.engine == "torch":
+        return TorchEngine(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    from minigrpo.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        model_path,
+        dtype=dtype,
+        seed=seed,
+        kv_cache_memory_gb=rollout.kv_cache_memory_gb,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        enable_sleep_mode=rollout.sleep_between_steps,
+    )
