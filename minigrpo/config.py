@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from minigrpo import grpo
+
 T = TypeVar("T")
 
 
@@ -97,17 +99,22 @@ class RolloutConfig:
 
 @dataclass(slots=True)
 class LossConfig:
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
-    aggregation: Literal["seq_mean_token_mean", "token_mean", "constant", "drg_compat"] = "seq_mean_token_mean"
+    # Variant names are the keys of grpo.py's registries (the one place each name lives).
+    advantage: str = "grpo"  # grpo.ADVANTAGES
+    aggregation: str = "seq_mean_token_mean"  # grpo.AGGREGATIONS
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 0.0  # 0 = off; else the dual-clip constant c > 1
-    kl: Literal["k1", "k2", "k3"] = "k3"
+    kl: str = "k3"  # grpo.KL_ESTIMATORS
     beta: float = 0.04
-    beta_schedule: Literal["constant", "cosine"] = "constant"
+    beta_schedule: str = "constant"  # grpo.BETA_SCHEDULES
     max_log_ratio: float = 20.0
 
     def __post_init__(self) -> None:
+        for key, registry in (("advantage", grpo.ADVANTAGES), ("aggregation", grpo.AGGREGATIONS),
+                              ("kl", grpo.KL_ESTIMATORS), ("beta_schedule", grpo.BETA_SCHEDULES)):
+            value = getattr(self, key)
+            check(value in registry, f"loss.{key}", f"must be one of {list(registry)}, got {value!r}")
         check(self.eps_low >= 0 and self.eps_high >= 0, "loss.eps_low/eps_high", "must be >= 0")
         check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
         check(self.beta >= 0, "loss.beta", "must be >= 0")
@@ -132,6 +139,7 @@ class GRPOConfig:
     # Static curriculum from a previous run's prompt_records.jsonl.
     curriculum: Literal["none", "remove_easy", "remove_hard", "remove_both", "easy_to_hard"] = "none"
     curriculum_records: str = ""
+    shuffle: bool = True  # each epoch's prompt order is a seeded permutation; false = the given order
 
     def __post_init__(self) -> None:
         check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
@@ -150,7 +158,7 @@ class RunConfig:
     seed: int = 0
     steps: int = 10  # training steps; 0 = one pass over the data (SFT: data.epochs passes)
     log_every: int = 1
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end; -1 = no checkpoints at all
     keep_last: int = 0  # keep only the newest K checkpoints (0 = all)
     resume: bool = False
     report_to: str = ""  # "", "tensorboard", "wandb" or both, comma-separated (used only when installed)
@@ -160,7 +168,7 @@ class RunConfig:
         check(self.steps >= 0, "run.steps", "must be >= 0")
         check(self.keep_last >= 0, "run.keep_last", "must be >= 0")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
-        check(self.save_every >= 0, "run.save_every", "must be >= 0")
+        check(self.save_every >= -1, "run.save_every", "must be >= 0, or -1 for no checkpoints")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,7 +19,10 @@ tokens; `adv` is the advantage.
                         Dr. GRPO:        N = constant, B * L_max
                         DRG-Sapphire:    N = completion tokens of the local micro-batch
     beta schedules    constant; cosine  beta_t = beta * (1 + cos(pi t / T)) / 2   constant_beta / cosine_beta
-    composed          grpo_loss(...) -> (loss, stats)
+    composed          grpo_loss(...) -> loss; loss_stats(...) -> LossStats (sums, added over micro-batches)
+
+Each variant family has one registry, the only place its names live (the config validates against
+them): ADVANTAGES, KL_ESTIMATORS, BETA_SCHEDULES, AGGREGATIONS (name -> normaliser factory).
 
 The loss aggregations are written so that summing `grpo_loss` over any split of the step's
 completions into micro-batches (and ranks) gives the loss of the whole step, provided the caller
@@ -29,6 +32,7 @@ passes the step-global normaliser (token count or number of sequences). See docs
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -82,6 +86,13 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     G = rewards.shape[1]
     leave_one_out_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (G - 1)  # (P, G)
     return _zero_constant_groups(rewards, rewards - leave_one_out_mean)
+
+
+ADVANTAGES: dict[str, Callable[[Tensor], Tensor]] = {
+    "grpo": grpo_advantages,
+    "drgrpo": drgrpo_advantages,
+    "rloo": rloo_advantages,
+}
 
 
 def token_advantages(adv: Tensor, mask: Tensor) -> Tensor:
@@ -183,6 +194,31 @@ def seq_mean_token_mean(per_token: Tensor, mask: Tensor, num_sequences: float | 
     return per_seq.sum() / num_sequences
 
 
+Aggregate = Callable[[Tensor, Tensor], Tensor]  # (per_token (B, T), mask (B, T)) -> scalar
+
+
+@dataclass(frozen=True, slots=True)
+class StepCounts:
+    """Sizes of one optimizer step over all ranks: what the normalisers divide by."""
+
+    tokens: int  # scored completion tokens
+    sequences: int  # completions
+    micro_batches: int  # micro-batches holding samples, summed over ranks
+    max_completion_tokens: int  # L_max of the sampler
+
+
+AGGREGATIONS: dict[str, Callable[[StepCounts], Aggregate]] = {
+    # DAPO: every completion token of the step weighs the same
+    "token_mean": lambda n: lambda x, m: token_sum_over(x, m, max(n.tokens, 1)),
+    # GRPO: every completion weighs the same
+    "seq_mean_token_mean": lambda n: lambda x, m: seq_mean_token_mean(x, m, max(n.sequences, 1)),
+    # Dr. GRPO: B * L_max
+    "constant": lambda n: lambda x, m: token_sum_over(x, m, max(n.sequences, 1) * n.max_completion_tokens),
+    # DRG-Sapphire / TRL 0.15: token-mean per micro-batch, averaged over micro-batches and ranks
+    "drg_compat": lambda n: lambda x, m: token_sum_over(x, m, m.sum().clamp(min=1) * max(n.micro_batches, 1)),
+}
+
+
 # ----------------------------------------------------------------------------- beta schedules
 
 
@@ -207,7 +243,7 @@ def grpo_loss(
     old_logp: Tensor,  # (B, T) behaviour policy; logp.detach() when strictly on-policy
     adv: Tensor,  # (B, T) per-token advantages
     mask: Tensor,  # (B, T) 1 on completion tokens
-    aggregate: Callable[[Tensor, Tensor], Tensor],  # e.g. lambda x, m: token_sum_over(x, m, n_tokens)
+    aggregate: Aggregate,  # e.g. AGGREGATIONS["token_mean"](counts)
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -216,45 +252,72 @@ def grpo_loss(
     beta: float = 0.0,
     kl: Callable[[Tensor, Tensor], Tensor] = kl_k3,
     max_log_ratio: float = 20.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """loss = aggregate(l_t + beta * k(logp_t, ref_logp_t)), with l_t the clipped surrogate.
-
-    Returns the scalar loss and detached statistics over the masked tokens of this call: fractions and
-    means (`clip_low_frac`, `clip_high_frac`, `clip_dual_frac`, `kl_mean`, `ratio_mean`), `ratio_min` /
-    `ratio_max`, and the sums behind them (`tokens`, `ratio_sum`, `kl_sum`, `clip_*_count`) that callers
-    add across micro-batches and ranks.
-    """
+) -> Tensor:
+    """loss = aggregate(l_t + beta * k(logp_t, ref_logp_t)), with l_t the clipped surrogate."""
     mask = mask.to(logp.dtype)
     ratio = importance_ratio(logp, old_logp, max_log_ratio)  # (B, T)
-    per_token, regions = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
-    stats: dict[str, Tensor] = {}
+    per_token, _ = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")
-        kl_t = kl(logp, ref_logp)  # (B, T)
-        per_token = per_token + beta * kl_t
-        stats["kl_sum"] = (kl_t.detach() * mask).sum()
-    elif ref_logp is not None:
-        stats["kl_sum"] = (kl(logp.detach(), ref_logp) * mask).sum()
-    loss = aggregate(per_token, mask)
+        per_token = per_token + beta * kl(logp, ref_logp)
+    return aggregate(per_token, mask)
 
+
+@dataclass(slots=True)
+class LossStats:
+    """Sums behind the loss's diagnostics over the masked tokens of one or more calls (0-dim tensors,
+    detached, on the loss's device). `a + b` combines micro-batches without a host sync; means are
+    taken once per step, after the ranks' sums are reduced."""
+
+    tokens: Tensor
+    ratio_sum: Tensor
+    ratio_min: Tensor  # +inf when no token is scored
+    ratio_max: Tensor  # -inf when no token is scored
+    clip_low_count: Tensor
+    clip_high_count: Tensor
+    clip_dual_count: Tensor
+    kl_sum: Tensor  # 0 without a reference
+
+    def __add__(self, other: LossStats) -> LossStats:
+        merged = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        merged["ratio_min"] = torch.minimum(self.ratio_min, other.ratio_min)
+        merged["ratio_max"] = torch.maximum(self.ratio_max, other.ratio_max)
+        return LossStats(**merged)
+
+
+@torch.no_grad()
+def loss_stats(
+    logp: Tensor,  # (B, T) as passed to grpo_loss
+    old_logp: Tensor,  # (B, T)
+    adv: Tensor,  # (B, T)
+    mask: Tensor,  # (B, T)
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float = 0.0,
+    ref_logp: Tensor | None = None,
+    kl: Callable[[Tensor, Tensor], Tensor] = kl_k3,
+    max_log_ratio: float = 20.0,
+) -> LossStats:
+    """What `grpo_loss` did on the masked tokens: ratio sum / min / max, tokens in each clipped region
+    (the regions of `clipped_surrogate`), and the summed KL estimate when a reference is given.
+    Sums are float64, so adding many micro-batches loses nothing."""
     real = mask.bool()
-    r = ratio.detach()
-    stats["tokens"] = mask.sum().detach()
-    stats["ratio_sum"] = (r * mask).sum()
-    big = torch.finfo(r.dtype).max
-    stats["ratio_min"] = torch.where(real, r, big).min() if real.any() else r.new_tensor(1.0)
-    stats["ratio_max"] = torch.where(real, r, -big).max() if real.any() else r.new_tensor(1.0)
-    for name, region in regions.items():
-        stats[f"{name}_count"] = (region & real).sum().to(r.dtype)
-    # Per-call fractions and means; across micro-batches, combine the sums above instead.
-    n = stats["tokens"].clamp(min=1)
-    stats["ratio_mean"] = stats["ratio_sum"] / n
-    for name in regions:
-        stats[f"{name}_frac"] = stats[f"{name}_count"] / n
-    if "kl_sum" in stats:
-        stats["kl_mean"] = stats["kl_sum"] / n
-    return loss, stats
+    ratio = importance_ratio(logp, old_logp, max_log_ratio)  # (B, T)
+    _, regions = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
+    count = lambda region: (region & real).sum().double()  # noqa: E731
+    zero = torch.zeros((), dtype=torch.float64, device=ratio.device)
+    return LossStats(
+        tokens=count(real),
+        ratio_sum=(ratio * mask).sum().double(),
+        ratio_min=torch.where(real, ratio, torch.inf).min().double(),
+        ratio_max=torch.where(real, ratio, -torch.inf).max().double(),
+        clip_low_count=count(regions["clip_low"]),
+        clip_high_count=count(regions["clip_high"]),
+        clip_dual_count=count(regions["clip_dual"]) if "clip_dual" in regions else zero,
+        kl_sum=(kl(logp, ref_logp) * mask).sum().double() if ref_logp is not None else zero,
+    )
 
 
 def drg_sapphire_per_token_loss(logp: Tensor, adv: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
@@ -263,7 +326,7 @@ def drg_sapphire_per_token_loss(logp: Tensor, adv: Tensor, ref_logp: Tensor, bet
         -(exp(logp - logp.detach()) * A - beta * k3)
 
     Strictly on-policy (ratio 1, no clipping). Summed over the local micro-batch's tokens and divided by
-    their count it is `grpo_loss(..., old_logp=logp.detach(), kl=kl_k3, aggregate=token_sum_over(local count))`;
-    kept here so tests can show the two agree.
+    their count it is `grpo_loss(..., old_logp=logp.detach(), kl=kl_k3, aggregate=token_sum_over(local count))`.
+    Not on the trainer's path: a reference that tests/test_grpo.py uses to show the two agree.
     """
     return -(torch.exp(logp - logp.detach()) * adv - beta * kl_k3(logp, ref_logp))

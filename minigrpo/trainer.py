@@ -4,37 +4,46 @@
     the global token count -> reference log-probs (beta > 0) -> old log-probs (updates > 1) ->
     loss and backward per micro-batch -> optimizer -> weight sync -> log
 
-Recipes hand `GRPOTrainer` a list of `Prompt`s, a reward function
-`(completions, metadata) -> (rewards, components)` and a `GRPORunConfig`; nothing task-specific
-lives here. The math is in `grpo.py`; this file only decides which normaliser each aggregation uses.
+Recipes hand `GRPOTrainer` prompts (`Prompt`s with token ids, plain text or chat messages), a reward
+function `(completions, metadata) -> rewards` (or `(rewards, components)`) and a `GRPORunConfig`;
+nothing task-specific lives here. The math is in `grpo.py`, the loop's helpers in `rl/`.
+
+As a library: `train(callbacks=[fn])` calls `fn(step, metrics)` after every step, and `steps()`
+yields `(step, metrics)` for a caller that drives the loop itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from minigrpo import grpo
-from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, make_micro_batches
-from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, python_rng_from_json, python_rng_to_json, save_checkpoint
-from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig, RunConfig, section, to_dict
-from minigrpo.dist import all_ok, all_reduce_sum, init_distributed
-from minigrpo.rl.groups import Group, GroupSource, RewardFn, fill_with_signal, resample_groups
+from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, python_rng_from_json
+from minigrpo.checkpoint import python_rng_to_json, save_checkpoint
+from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
+from minigrpo.dist import comm_device, init_distributed
 from minigrpo.io import append_jsonl, truncate_jsonl
 from minigrpo.metrics import MetricsLogger, peak_flops
 from minigrpo.model import LogprobModel, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference
-from minigrpo.rl.prompts import Prompt, PromptStream, apply_curriculum, limit_prompt_length, load_prompt_records
-from minigrpo.rollout import SamplingParams, make_engine
+from minigrpo.rl.groups import CORRECT, Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, resample_groups
+from minigrpo.rl.micro_batches import RLMicroBatch, pack_groups
+from minigrpo.rl.prompts import PromptLike, PromptStream, apply_curriculum, as_prompts, limit_prompt_length
+from minigrpo.rl.prompts import load_prompt_records
 from minigrpo.rl.stats import StepStats
+from minigrpo.rollout import SamplingParams, make_engine
 
-ADVANTAGES = {"grpo": grpo.grpo_advantages, "drgrpo": grpo.drgrpo_advantages, "rloo": grpo.rloo_advantages}
+StepCallback = Callable[[int, dict], None]
 
 
 @dataclass(slots=True)
@@ -52,189 +61,224 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def make_aggregate(name: str, n_tokens: int, n_sequences: int, n_micro_batches: int, max_completion_tokens: int):
-    """The aggregation of `name`, with its step-global normaliser bound (see docs/MATH.md)."""
-    if name == "token_mean":  # DAPO: every completion token of the step weighs the same
-        return lambda x, m: grpo.token_sum_over(x, m, max(n_tokens, 1))
-    if name == "seq_mean_token_mean":  # GRPO: every completion weighs the same
-        return lambda x, m: grpo.seq_mean_token_mean(x, m, max(n_sequences, 1))
-    if name == "constant":  # Dr. GRPO: B * L_max
-        return lambda x, m: grpo.token_sum_over(x, m, max(n_sequences, 1) * max_completion_tokens)
-    if name == "drg_compat":  # DRG-Sapphire/TRL: token-mean per micro-batch, averaged over micro-batches and ranks
-        return lambda x, m: grpo.token_sum_over(x, m, m.sum().clamp(min=1) * max(n_micro_batches, 1))
-    raise ValueError(f"unknown loss aggregation {name!r}")
+class PhaseTimer:
+    """`with timer("generate"): ...` records the phase's wall seconds in `timer.seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: GRPORunConfig, prompts: list[Prompt], reward_fn: RewardFn):
+    def __init__(self, cfg: GRPORunConfig, prompts: Sequence[PromptLike], reward_fn: RewardFn):
         self.cfg, self.reward_fn = cfg, reward_fn
         self.dist = init_distributed()
         self.out = Path(cfg.run.output_dir)
         if not cfg.run.resume and (self.out / "checkpoints").exists():
-            raise ConfigError(f"{self.out}/checkpoints exists: pass --run.resume=true to continue that run, or choose another run.output_dir")
+            raise ConfigError(f"{self.out}/checkpoints exists: pass --run.resume=true to continue that run, "
+                              "or choose another run.output_dir")
         self.tokenizer = load_tokenizer(cfg.model.path)
-        prompts, self.over_long = limit_prompt_length(prompts, cfg.grpo.max_prompt_tokens, cfg.grpo.over_long_prompts)
-        if cfg.grpo.curriculum != "none":
-            prompts = apply_curriculum(prompts, load_prompt_records(cfg.grpo.curriculum_records), cfg.grpo.curriculum)
-        if cfg.grpo.prompts_per_step % self.dist.world_size:
-            raise ConfigError(f"config key 'grpo.prompts_per_step': {cfg.grpo.prompts_per_step} does not split over {self.dist.world_size} ranks")
-        if len(prompts) < self.dist.world_size:
-            raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
-        self.prompts = prompts
-        # run.steps = 0: one pass over the prompts left after the filters above (the paper's one epoch).
-        self.total_steps = cfg.run.steps or max(1, len(prompts) // cfg.grpo.prompts_per_step)
-        self.stream = PromptStream(len(prompts), cfg.run.seed, self.dist.rank, self.dist.world_size, shuffle=cfg.grpo.curriculum != "easy_to_hard")
+        self.prompts, self.over_long = self._prepare_prompts(prompts)
+        # run.steps = 0: one pass over the prompts left after the filters (the paper's one epoch).
+        self.total_steps = cfg.run.steps or max(1, len(self.prompts) // cfg.grpo.prompts_per_step)
+        shuffle = cfg.grpo.shuffle and cfg.grpo.curriculum != "easy_to_hard"  # easy-to-hard keeps its order
+        self.stream = PromptStream(len(self.prompts), cfg.run.seed, self.dist.rank, self.dist.world_size, shuffle)
         self.rng = random.Random(cfg.run.seed * 7 + self.dist.rank)
 
         # Policy (trainable, sharded) and reference (frozen, sharded; only when a KL term is used).
         torch.manual_seed(cfg.run.seed)
-        policy_lm = load_model(cfg.model.path, "float32", cfg.model.attn_implementation, cfg.model.trust_remote_code)
+        model = cfg.model
+        policy_lm = load_model(model.path, "float32", model.attn_implementation, model.trust_remote_code)
         self.n_params = sum(p.numel() for p in policy_lm.parameters())
         self.policy = shard_model(LogprobModel(policy_lm), cfg.parallel, self.dist)
         self.ref = None
         if cfg.loss.beta > 0:
-            ref_lm = load_model(cfg.model.path, "float32", cfg.model.attn_implementation, cfg.model.trust_remote_code)
+            ref_lm = load_model(model.path, "float32", model.attn_implementation, model.trust_remote_code)
             self.ref = shard_reference(LogprobModel(ref_lm), cfg.parallel, self.dist)
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.beta_schedule = grpo.BETA_SCHEDULES[cfg.loss.beta_schedule]
         self.kl = grpo.KL_ESTIMATORS[cfg.loss.kl]
+        self.aggregation = grpo.AGGREGATIONS[cfg.loss.aggregation]
 
         # The engine is created after the process group on every rank (vLLM needs that order) and may
         # reseed the global RNG: nothing below depends on the global RNG.
         rng_state = torch.get_rng_state()
-        self.engine = make_engine(cfg.rollout, cfg.model.path, self.dist.device, cfg.run.seed + self.dist.rank, cfg.model.attn_implementation)
+        seed = cfg.run.seed + self.dist.rank
+        self.engine = make_engine(cfg.rollout, model.path, self.dist.device, seed, model.attn_implementation)
         torch.set_rng_state(rng_state)
-        stop = tuple(t for t in [self.tokenizer.eos_token_id] if t is not None)
-        sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens, stop, seed=cfg.run.seed)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        self.source = GroupSource(self.engine, decode, reward_fn, sampling, cfg.rollout.samples_per_prompt)
+        self.source = GroupSource(self.engine, self._decode, reward_fn, self._sampling(), cfg.rollout.samples_per_prompt)
         self.step = self.optimizer_steps = 0
         self.peak = peak_flops(self.dist.device)
         self.logger = MetricsLogger(str(self.out), self.total_steps, self.dist.is_main, cfg.run.report_to)
 
+    def _prepare_prompts(self, items: Sequence[PromptLike]) -> tuple[list, int]:
+        """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long)."""
+        run = self.cfg.grpo
+        prompts, over_long = limit_prompt_length(as_prompts(items, self.tokenizer), run.max_prompt_tokens,
+                                                 run.over_long_prompts)
+        if run.curriculum != "none":
+            prompts = apply_curriculum(prompts, load_prompt_records(run.curriculum_records), run.curriculum)
+        if run.prompts_per_step % self.dist.world_size:
+            raise ConfigError(f"config key 'grpo.prompts_per_step': {run.prompts_per_step} does not split "
+                              f"over {self.dist.world_size} ranks")
+        if len(prompts) < self.dist.world_size:
+            raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
+        return prompts, over_long
+
+    def _sampling(self) -> SamplingParams:
+        rollout = self.cfg.rollout
+        stop = tuple(t for t in [self.tokenizer.eos_token_id] if t is not None)
+        return SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, stop,
+                              seed=self.cfg.run.seed)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _forward(self, model: torch.nn.Module, mb: RLMicroBatch, return_entropy: bool = False):
+        rows = mb.rows
+        return model(rows.input_ids, rows.targets, rows.attention_mask, rows.position_ids,
+                     temperature=self.cfg.rollout.temperature, return_entropy=return_entropy)
+
     # ----------------------------------------------------------------------------- phases
 
-    def rollout(self) -> tuple[list[Group], dict]:
-        """Generate this rank's groups; apply dynamic resampling or DAPO filtering if configured."""
-        g = self.cfg.grpo
-        per_rank = g.prompts_per_step // self.dist.world_size
-        draw = lambda k: [self.prompts[i] for i in self.stream.take(k)]  # noqa: E731
-        self.source.sampling = replace(self.source.sampling, seed=self.cfg.run.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
-        groups = self.source.generate(draw(per_rank))
-        info = {"groups_generated": len(groups)}
-        if g.dynamic_resampling != "off":
-            groups = resample_groups(self.source, groups, g.dynamic_resampling, g.resample_attempts, g.resample_temperatures, g.resample_min_std, g.resample_positive_threshold, self.rng)
-            info["resampled"] = True  # step_stats reports attempts and final std over the groups trained on
-        if g.filter_zero_variance:
-            groups, dropped = fill_with_signal(self.source, groups, draw, per_rank, g.filter_max_rounds)
-            info["groups_dropped"] = dropped
+    def rollout(self) -> tuple[list[Group], RolloutInfo]:
+        """Generate and score this rank's groups; dynamic resampling or DAPO filtering if configured."""
+        run = self.cfg.grpo
+        per_rank = run.prompts_per_step // self.dist.world_size
+        seed = self.cfg.run.seed + 1_000_003 * self.step + 7919 * self.dist.rank
+        self.source.sampling = replace(self.source.sampling, seed=seed)
+        groups = self.source.generate(self._draw(per_rank))
+        info = RolloutInfo(groups_generated=len(groups), resampled=run.dynamic_resampling != "off")
+        if info.resampled:
+            groups = resample_groups(
+                self.source, groups, run.dynamic_resampling, attempts=run.resample_attempts,
+                temperatures=run.resample_temperatures, min_std=run.resample_min_std,
+                positive_threshold=run.resample_positive_threshold, rng=self.rng,
+            )
+        if run.filter_zero_variance:
+            groups, info.groups_dropped = fill_with_signal(self.source, groups, self._draw, per_rank,
+                                                           run.filter_max_rounds)
         return groups, info
+
+    def _draw(self, k: int) -> list:
+        return [self.prompts[i] for i in self.stream.take(k)]
 
     def advantages(self, groups: list[Group]) -> torch.Tensor:
         """One advantage per completion, (len(groups), G), from each group's own rewards."""
         if not groups:
             return torch.zeros(0, self.cfg.rollout.samples_per_prompt, dtype=torch.float64)
-        rewards = torch.tensor([grp.rewards for grp in groups], dtype=torch.float64)  # (P_local, G)
-        return ADVANTAGES[self.cfg.loss.advantage](rewards)
+        rewards = torch.tensor([group.rewards for group in groups], dtype=torch.float64)  # (P_local, G)
+        return grpo.ADVANTAGES[self.cfg.loss.advantage](rewards)
 
-    def micro_batches(self, groups: list[Group], adv: torch.Tensor):
-        samples = [
-            Sample(c.prompt_ids, c.token_ids, {"sampler_logp": c.logprobs}, {"adv": float(adv[i, j])})
-            for i, grp in enumerate(groups)
-            for j, c in enumerate(grp.completions)
-        ]
-        mbs = make_micro_batches(samples, self.cfg.parallel.micro_batch_size, self.tokenizer.pad_token_id)
-        n_micro = int(all_reduce_sum(len(mbs)).item())
-        mbs = equalize_micro_batches(mbs, self.tokenizer.pad_token_id)
-        return [mb.to(self.dist.device) for mb in mbs], len(samples), n_micro
+    def micro_batches(self, groups: list[Group], adv: torch.Tensor) -> tuple[list[RLMicroBatch], grpo.StepCounts]:
+        """This rank's micro-batches on its device, and the step's global counts (one collective)."""
+        rollout = self.cfg.rollout
+        mbs, counts = pack_groups(groups, adv, self.cfg.parallel.micro_batch_size, self.tokenizer.pad_token_id,
+                                  rollout.max_new_tokens)
+        return [mb.to(self.dist.device) for mb in mbs], counts
 
     @torch.no_grad()
-    def logprobs(self, model, mbs, field: str) -> None:
-        """Attach `field` = log-probs of the sampled tokens under `model` (reference or old policy)."""
-        for mb in mbs:
-            logp, _ = model(mb.input_ids, mb.targets, mb.attention_mask, mb.position_ids, temperature=self.cfg.rollout.temperature)
-            mb.token_fields[field] = logp.float() * mb.loss_mask
+    def logprobs(self, model: torch.nn.Module, mbs: list[RLMicroBatch]) -> list[torch.Tensor]:
+        """Log-probs of the sampled tokens under `model` (reference or old policy), 0 where not scored."""
+        return [self._forward(model, mb)[0].float() * mb.mask for mb in mbs]
 
-    def loss_and_backward(self, mbs, aggregate, beta: float, stats: StepStats) -> None:
-        """Forward + backward every micro-batch; gradients accumulate, already globally normalised."""
-        L = self.cfg.loss
-        for mb in mbs:
-            logp, entropy = self.policy(mb.input_ids, mb.targets, mb.attention_mask, mb.position_ids, temperature=self.cfg.rollout.temperature, return_entropy=True)
-            old = mb.token_fields.get("old_logp", logp.detach())  # strictly on-policy: ratio 1
-            loss, s = grpo.grpo_loss(
-                logp, old, mb.token_fields["adv"], mb.loss_mask, aggregate,
-                eps_low=L.eps_low, eps_high=L.eps_high, dual_clip=L.dual_clip,
-                ref_logp=mb.token_fields.get("ref_logp"), beta=beta, kl=self.kl, max_log_ratio=L.max_log_ratio,
-            )  # fmt: skip
-            problem = all_ok(bool(torch.isfinite(loss)), f"step {self.step}: non-finite loss {loss.item()} (check rewards and log-probs)")
-            if problem:
-                raise NonFiniteLossError(problem)
+    def loss_and_backward(self, mbs: list[RLMicroBatch], aggregate: grpo.Aggregate, beta: float,
+                          stats: StepStats) -> None:
+        """Forward + backward every micro-batch; gradients accumulate, already globally normalised.
+
+        No host sync inside the loop: finiteness is a flag on device, checked once at the end."""
+        loss_cfg = self.cfg.loss
+        terms = dict(eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, dual_clip=loss_cfg.dual_clip,
+                     kl=self.kl, max_log_ratio=loss_cfg.max_log_ratio)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.dist.device)
+        for i, mb in enumerate(mbs):
+            logp, entropy = self._forward(self.policy, mb, return_entropy=True)
+            old = mb.old_logp if mb.old_logp is not None else logp.detach()  # strictly on-policy: ratio 1
+            loss = grpo.grpo_loss(logp, old, mb.adv, mb.mask, aggregate, ref_logp=mb.ref_logp, beta=beta, **terms)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
             loss.backward()
-            stats.add_loss(loss.detach(), s, entropy.detach(), logp.detach(), mb)
+            stats.add(loss, grpo.loss_stats(logp, old, mb.adv, mb.mask, ref_logp=mb.ref_logp, **terms),
+                      entropy, logp, mb)
+        self._check_finite(first_bad)
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        """Every rank raises the same error, naming the first non-finite micro-batch of the lowest rank."""
+        world = self.dist.world_size
+        code = torch.where(first_bad >= 0, first_bad * world + self.dist.rank, torch.iinfo(torch.long).max)
+        if torch.distributed.is_initialized() and world > 1:
+            code = code.to(comm_device())
+            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MIN)
+        code = int(code)
+        if code != torch.iinfo(torch.long).max:
+            micro_batch, rank = divmod(code, world)
+            raise NonFiniteLossError(f"step {self.step}: non-finite loss in micro-batch {micro_batch} on rank "
+                                     f"{rank} (check rewards and log-probs)")
 
     def optimizer_step(self, total_updates: int) -> tuple[float, float]:
         lr = lr_at(self.optimizer_steps, total_updates, self.cfg.optim)
         set_lr(self.optimizer, lr)
-        norm = clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)
-        problem = all_ok(bool(torch.isfinite(norm)), f"step {self.step}: non-finite gradient norm")
-        if problem:
-            raise NonFiniteLossError(problem)
+        norm = float(clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm))  # the same on every rank
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"step {self.step}: non-finite gradient norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        return float(norm), lr
+        return norm, lr
 
     def sync_weights(self) -> None:
-        """Stream the new full weights into the engine (one tensor at a time), then give it its KV cache back."""
-        dtype = torch.bfloat16 if self.dist.device.type == "cuda" else None  # the engine's dtype there: half the traffic
+        """Stream the new full weights into the engine, one tensor at a time (bf16 on CUDA: the engine's dtype)."""
+        dtype = torch.bfloat16 if self.dist.device.type == "cuda" else None
         self.engine.load_weights(iter_full_state_dict(self.policy, dtype=dtype))
-        self.engine.wake_up()
 
     # ----------------------------------------------------------------------------- the step
 
     def train_step(self) -> dict:
-        cfg, t = self.cfg, {}
-        total_steps = self.total_steps
-        beta = self.beta_schedule(cfg.loss.beta, self.step, total_steps)
-
-        t0 = time.perf_counter()
-        groups, info = self.rollout()  # ------------------------------------------ rollout + reward
+        cfg, timer = self.cfg, PhaseTimer()
+        beta = self.beta_schedule(cfg.loss.beta, self.step, self.total_steps)
+        use_kl = self.ref is not None and beta > 0
+        # ---- rollout and reward: this rank's prompts, G scored completions each
+        with timer("generate"):
+            groups, info = self.rollout()
         self.engine.sleep()
-        t["generate"] = time.perf_counter() - t0
+        # ---- advantage: one per completion, from its group; micro-batches and the step's global counts
+        mbs, counts = self.micro_batches(groups, self.advantages(groups))
+        # ---- reference and old log-probs (only when a KL term is used / the batch is reused)
+        with timer("reference"):
+            for mb, logp in zip(mbs, self.logprobs(self.ref, mbs) if use_kl else []):
+                mb.ref_logp = logp
+        with timer("old"):
+            for mb, logp in zip(mbs, self.logprobs(self.policy, mbs) if cfg.grpo.updates_per_batch > 1 else []):
+                mb.old_logp = logp
+        # ---- loss and backward, optimizer: updates_per_batch passes over the batch
+        stats = StepStats(self.dist.device, has_kl=use_kl)
+        with timer("update"):
+            for _ in range(cfg.grpo.updates_per_batch):
+                self.loss_and_backward(mbs, self.aggregation(counts), beta if use_kl else 0.0, stats)
+                stats.grad_norm, lr = self.optimizer_step(self.total_steps * cfg.grpo.updates_per_batch)
+        # ---- weight sync: the new weights into the engine, which then gets its memory back
+        with timer("sync"):
+            self.sync_weights()
+        self.engine.wake_up()
+        # ---- log
+        self.record_groups(groups)
+        return self.step_metrics(stats.reduce(groups, counts, info, self.over_long), timer, lr, beta)
 
-        adv = self.advantages(groups)  # ----------------------------------------- advantage
-        mbs, n_seq_local, n_micro = self.micro_batches(groups, adv)
-        n_tokens = global_token_count(mbs)
-        n_seqs = int(all_reduce_sum(n_seq_local).item())
-        aggregate = make_aggregate(cfg.loss.aggregation, n_tokens, n_seqs, n_micro, cfg.rollout.max_new_tokens)
-
-        t0 = time.perf_counter()  # ----------------------------------------------- reference / old log-probs
-        if self.ref is not None and beta > 0:
-            self.logprobs(self.ref, mbs, "ref_logp")
-        t["reference"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if cfg.grpo.updates_per_batch > 1:
-            self.logprobs(self.policy, mbs, "old_logp")
-        t["old"] = time.perf_counter() - t0
-
-        stats = StepStats()  # ---------------------------------------------------- loss, backward, optimizer
-        t0 = time.perf_counter()
-        for _ in range(cfg.grpo.updates_per_batch):
-            self.loss_and_backward(mbs, aggregate, beta if self.ref is not None else 0.0, stats)
-            grad_norm, lr = self.optimizer_step(total_steps * cfg.grpo.updates_per_batch)
-            stats.grad_norms.append(grad_norm)
-        t["update"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()  # ----------------------------------------------- weight sync
-        self.sync_weights()
-        t["sync"] = time.perf_counter() - t0
-
-        self.record_groups(groups)  # ---------------------------------------------- log
-        metrics = stats.reduce(groups, n_tokens, info, self.over_long)
-        metrics.update({f"time_{k}": v for k, v in t.items()}, lr=lr, beta=beta, step_time=sum(t.values()))
+    def step_metrics(self, metrics: dict, timer: PhaseTimer, lr: float, beta: float) -> dict:
+        """The reduced statistics plus timings (wall seconds per phase and for the whole step) and rates."""
+        times = timer.seconds
+        metrics.update({f"time_{k}": v for k, v in times.items()}, lr=lr, beta=beta, step_time=timer.total())
         trained = metrics.pop("trained_tokens_total")
-        metrics["generated_tokens_per_s"] = metrics["completion_tokens_total"] / max(t["generate"], 1e-9)
-        metrics["trained_tokens_per_s"] = trained / max(t["update"], 1e-9)
+        metrics["generated_tokens_per_s"] = metrics["completion_tokens_total"] / max(times["generate"], 1e-9)
+        metrics["trained_tokens_per_s"] = trained / max(times["update"], 1e-9)
         metrics["mfu"] = 6 * self.n_params * metrics["trained_tokens_per_s"] / (self.peak * self.dist.world_size)
         return metrics
 
@@ -242,11 +286,16 @@ class GRPOTrainer:
         """Per-prompt record (rewards and correctness of each group) for curriculum filtering, and the
         completions themselves only when `run.log_completions` (on real data they hold patient text)."""
         step = self.step + 1  # numbered as in metrics.jsonl
-        records = [{"step": step, "prompt_id": g.prompt.id, "rewards": g.rewards, "correct": g.components.get("correct", [float(r > 0) for r in g.rewards])} for g in groups]
+        records = [
+            {"step": step, "prompt_id": g.prompt.id, "rewards": g.rewards,
+             "correct": g.components.get(CORRECT, [float(r > 0) for r in g.rewards])}
+            for g in groups
+        ]
         completions = []
         if self.cfg.run.log_completions:
             completions = [
-                {"step": step, "prompt_id": g.prompt.id, "completion": text, "reward": r, "finish_reason": c.finish_reason}
+                {"step": step, "prompt_id": g.prompt.id, "completion": text, "reward": r,
+                 "finish_reason": c.finish_reason}
                 for g in groups
                 for text, r, c in zip(g.texts, g.rewards, g.completions)
             ]
@@ -259,32 +308,35 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- run, save, resume
 
-    def save(self) -> None:
-        state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "streams": self._gather_streams()}
-        save_checkpoint(self.out / "checkpoints", self.step, self.policy, self.optimizer, state, to_dict(self.cfg), keep_last=self.cfg.run.keep_last)
-
-    def _gather_streams(self) -> list:
+    def state_dict(self) -> dict:
+        """The loop's own state (a collective: every rank's prompt stream and RNG), saved in checkpoints."""
         gathered = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(gathered, {"stream": self.stream.state_dict(), "rng": self.rng.getstate()})
-        return [{"stream": g["stream"], "rng": python_rng_to_json(g["rng"])} for g in gathered]
+        mine = {"stream": self.stream.state_dict(), "rng": python_rng_to_json(self.rng.getstate())}
+        torch.distributed.all_gather_object(gathered, mine)
+        return {"step": self.step, "optimizer_steps": self.optimizer_steps, "streams": gathered}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.optimizer_steps = int(state["step"]), int(state["optimizer_steps"])
+        mine = state["streams"][self.dist.rank]
+        self.stream.load_state_dict(mine["stream"])
+        self.rng.setstate(python_rng_from_json(mine["rng"]))
+
+    def save(self) -> None:
+        save_checkpoint(self.out / "checkpoints", self.step, self.policy, self.optimizer, self.state_dict(),
+                        to_dict(self.cfg), keep_last=self.cfg.run.keep_last)
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.out / "checkpoints")
         if path is None:
             return False
-        meta = load_checkpoint(path, self.policy, self.optimizer)
-        state = meta["state"]
-        self.step, self.optimizer_steps = int(state["step"]), int(state["optimizer_steps"])
-        mine = state["streams"][self.dist.rank]
-        self.stream.load_state_dict(mine["stream"])
-        self.rng.setstate(python_rng_from_json(mine["rng"]))
+        self.load_state_dict(load_checkpoint(path, self.policy, self.optimizer)["state"])
         self.sync_weights()  # the engine still holds the initial weights
         if self.dist.is_main:  # rows logged after the checkpoint by the interrupted run are redone
             for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
                 truncate_jsonl(self.out / name, self.step)
         return True
 
-    def train(self) -> list[dict]:
+    def _start(self) -> None:
         cfg = self.cfg
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -296,15 +348,30 @@ class GRPOTrainer:
             for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
                 truncate_jsonl(self.out / name, 0)
         self.logger.start_step = self.step
-        history = []
+
+    def steps(self) -> Iterator[tuple[int, dict]]:
+        """Run the remaining steps, yielding (step, metrics) after each; checkpoints as `run.save_every`
+        says (-1: none), and the final checkpoint and HF export when the run is complete."""
+        run = self.cfg.run
+        self._start()
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.step += 1
-            history.append(metrics)
-            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+            if self.step % run.log_every == 0 or self.step == self.total_steps:
                 self.logger.log(self.step, metrics)
-            if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.total_steps:
+            if run.save_every > 0 and self.step % run.save_every == 0 and self.step < self.total_steps:
                 self.save()
-        self.save()
+            yield self.step, metrics
+        if run.save_every >= 0:
+            self.save()
         export_hf(self.policy, self.out / "hf", self.tokenizer)
+
+    def train(self, callbacks: Sequence[StepCallback] = ()) -> list[dict]:
+        """Run to the end; `callbacks` are called as `fn(step, metrics)` after every step. Returns the
+        metrics of the steps this call ran."""
+        history = []
+        for step, metrics in self.steps():
+            history.append(metrics)
+            for callback in callbacks:
+                callback(step, metrics)
         return history

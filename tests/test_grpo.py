@@ -120,7 +120,7 @@ def _loss_over_split(aggregate_factory, sizes, seed=0, **kw):
     total, start = 0.0, 0
     for size in sizes:
         sl = slice(start, start + size)
-        loss, _ = grpo.grpo_loss(logp[sl], old[sl], adv[sl], mask[sl], aggregate_factory(mask), ref_logp=ref[sl], beta=0.04, dual_clip=3.0, **kw)
+        loss = grpo.grpo_loss(logp[sl], old[sl], adv[sl], mask[sl], aggregate_factory(mask), ref_logp=ref[sl], beta=0.04, dual_clip=3.0, **kw)
         total = total + loss
         start += size
     (grad,) = torch.autograd.grad(total, logp)
@@ -157,14 +157,15 @@ def test_local_normaliser_depends_on_split():
 def test_on_policy_gradient_is_minus_advantage_over_normaliser():
     logp, _, _, adv, mask = _random_batch(1)
     N = 17.0
-    loss, stats = grpo.grpo_loss(logp, logp.detach(), adv, mask, lambda x, m: grpo.token_sum_over(x, m, N))
+    loss = grpo.grpo_loss(logp, logp.detach(), adv, mask, lambda x, m: grpo.token_sum_over(x, m, N))
+    stats = grpo.loss_stats(logp, logp.detach(), adv, mask)
     (g,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(g, -adv * mask / N)
-    assert stats["clip_low_count"] == 0 and stats["clip_high_count"] == 0
-    assert stats["ratio_min"] == 1 and stats["ratio_max"] == 1
+    assert stats.clip_low_count == 0 and stats.clip_high_count == 0
+    assert stats.ratio_min == 1 and stats.ratio_max == 1
     # seq-mean-token-mean: -A / (|o_i| * B)
     B = logp.shape[0]
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), adv, mask, lambda x, m: grpo.seq_mean_token_mean(x, m, B))
+    loss = grpo.grpo_loss(logp, logp.detach(), adv, mask, lambda x, m: grpo.seq_mean_token_mean(x, m, B))
     (g,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(g, -adv * mask / (mask.sum(1, keepdim=True).clamp(min=1) * B))
 
@@ -179,15 +180,16 @@ def test_clipped_tokens_have_zero_gradient_exactly_in_ppo_regions():
     old = torch.zeros(n)
     logp = torch.log(ratios).clone().requires_grad_(True)
     mask = torch.ones(n)
-    loss, stats = grpo.grpo_loss(
+    loss = grpo.grpo_loss(
         logp[None], old[None], advs[None], mask[None], lambda x, m: grpo.token_sum_over(x, m, 10.0), eps_low=eps_low, eps_high=eps_high, dual_clip=c
     )
+    stats = grpo.loss_stats(logp[None], old[None], advs[None], mask[None], eps_low=eps_low, eps_high=eps_high, dual_clip=c)
     (g,) = torch.autograd.grad(loss, logp)
     clipped = torch.zeros(n, dtype=torch.bool)
     clipped[[3, 9, 4, 11, 8]] = True
     assert torch.equal(g[clipped], torch.zeros(5))
     torch.testing.assert_close(g[~clipped], (-advs * ratios / 10.0)[~clipped])
-    assert stats["clip_high_count"] == 2 and stats["clip_low_count"] == 2 and stats["clip_dual_count"] == 1
+    assert stats.clip_high_count == 2 and stats.clip_low_count == 2 and stats.clip_dual_count == 1
     # dual-clipped token's loss is the constant -c * A
     per_token, _ = grpo.clipped_surrogate(ratios, advs, eps_low, eps_high, c)
     assert per_token[8].item() == pytest.approx(c)
@@ -221,18 +223,19 @@ def _reference_loss_loop(logp, old, ref, adv, mask, eps_low, eps_high, c, beta, 
 def test_grpo_loss_equals_float64_loop(kl):
     logp, old, ref, adv, mask = _random_batch(3)
     N = mask.sum().item()
-    loss, stats = grpo.grpo_loss(
+    loss = grpo.grpo_loss(
         logp, old, adv, mask, lambda x, m: grpo.token_sum_over(x, m, N), eps_low=0.2, eps_high=0.28, dual_clip=3.0, ref_logp=ref, beta=0.1, kl=grpo.KL_ESTIMATORS[kl]
     )
+    stats = grpo.loss_stats(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, dual_clip=3.0, ref_logp=ref, kl=grpo.KL_ESTIMATORS[kl])
     ref_val = _reference_loss_loop(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 3.0, 0.1, kl, N)
     assert loss.item() == pytest.approx(ref_val, rel=1e-12)
-    assert stats["tokens"] == N
+    assert stats.tokens == N
 
 
 def test_drg_compat_equals_reference_code_formula():
     logp, _, ref, adv, mask = _random_batch(4)
     beta = 0.04
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), adv, mask, lambda x, m: grpo.token_sum_over(x, m, m.sum()), ref_logp=ref, beta=beta, kl=grpo.kl_k3)
+    loss = grpo.grpo_loss(logp, logp.detach(), adv, mask, lambda x, m: grpo.token_sum_over(x, m, m.sum()), ref_logp=ref, beta=beta, kl=grpo.kl_k3)
     literal = (grpo.drg_sapphire_per_token_loss(logp, adv, ref, beta) * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, literal)
     (g1,) = torch.autograd.grad(loss, logp, retain_graph=True)

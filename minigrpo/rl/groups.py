@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import random
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 from minigrpo.rl.prompts import Prompt
+from minigrpo.rollout.base import Completion, RolloutEngine, SamplingParams
 
-RewardFn = Callable[[list[str], list[dict]], tuple[list[float], dict[str, list[float]]]]
+# (completion texts, prompt metadata) -> rewards, or (rewards, {component name: one value per completion})
+RewardFn = Callable[[list[str], list[dict]], list[float] | tuple[list[float], dict[str, list[float]]]]
+
+# A reward component of this name (1.0 / 0.0 per completion) is the task's correctness: it is logged
+# as `accuracy` and recorded per prompt for curriculum filtering.
+CORRECT = "correct"
 
 
 @dataclass(slots=True)
 class Group:
     prompt: Prompt
-    completions: list  # list[rollout.Completion], G of them
+    completions: list[Completion]  # G of them
     texts: list[str]
     rewards: list[float]
     components: dict[str, list[float]]
@@ -41,35 +47,48 @@ class Group:
 
 
 @dataclass(slots=True)
+class RolloutInfo:
+    """How a step's groups were obtained (for the step's metrics)."""
+
+    groups_generated: int  # first draw, before resampling or filtering
+    groups_dropped: int | None = None  # zero-variance groups dropped by DAPO filtering (None: filtering off)
+    resampled: bool = False  # dynamic resampling was on
+
+
+def split_reward_output(output, n: int) -> tuple[list[float], dict[str, list[float]]]:
+    """A reward function's result -> (rewards, components); it may return the rewards alone."""
+    rewards, components = output if isinstance(output, tuple) else (output, {})
+    if len(rewards) != n:
+        raise ValueError(f"reward function returned {len(rewards)} rewards for {n} completions")
+    return [float(r) for r in rewards], components
+
+
+@dataclass(slots=True)
 class GroupSource:
     """Everything needed to turn prompts into scored groups."""
 
-    engine: object  # a rollout engine: generate(prompt_ids, n, sampling) -> [[Completion]]
+    engine: RolloutEngine
     decode: Callable[[list[int]], str]
     reward_fn: RewardFn
-    sampling: object  # rollout.SamplingParams at the run's temperature
+    sampling: SamplingParams  # at the run's temperature; its seed is set per step by the trainer
     n: int  # samples per prompt
-    seed: int = 0
-    stats: dict = field(default_factory=dict)
 
     def generate(self, prompts: Sequence[Prompt], temperature: float | None = None, seed_offset: int = 0) -> list[Group]:
         sampling = self.sampling
         if temperature is not None:
             sampling = replace(sampling, temperature=temperature)
-        if getattr(sampling, "seed", None) is not None:
+        if sampling.seed is not None:
             sampling = replace(sampling, seed=sampling.seed + seed_offset)
         outs = self.engine.generate([p.ids for p in prompts], self.n, sampling)  # [P][G]
         texts = [[self.decode(c.token_ids) for c in group] for group in outs]
         flat_texts = [t for g in texts for t in g]
         flat_meta = [p.metadata for p in prompts for _ in range(self.n)]
-        rewards, components = self.reward_fn(flat_texts, flat_meta)
-        if len(rewards) != len(flat_texts):
-            raise ValueError(f"reward function returned {len(rewards)} rewards for {len(flat_texts)} completions")
+        rewards, components = split_reward_output(self.reward_fn(flat_texts, flat_meta), len(flat_texts))
         groups = []
         for i, p in enumerate(prompts):
-            sl = slice(i * self.n, (i + 1) * self.n)
-            comps = {k: [float(x) for x in v[sl]] for k, v in components.items()}
-            groups.append(Group(p, outs[i], texts[i], [float(r) for r in rewards[sl]], comps, sampling.temperature))
+            part = slice(i * self.n, (i + 1) * self.n)
+            scores = {k: [float(x) for x in v[part]] for k, v in components.items()}
+            groups.append(Group(p, outs[i], texts[i], rewards[part], scores, sampling.temperature))
         return groups
 
 

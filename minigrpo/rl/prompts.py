@@ -1,7 +1,8 @@
 """The prompts a GRPO run draws from: length limits, static curriculum filters, a resumable stream.
 
 Recipes hand the trainer a list of `Prompt`s (token ids already chat-templated, plus the metadata
-their reward function needs). This module knows nothing of any task.
+their reward function needs), or plain text / chat messages (`as_prompts`). This module knows
+nothing of any task.
 """
 
 from __future__ import annotations
@@ -20,6 +21,28 @@ class Prompt:
     id: str  # stable across runs: curriculum records refer to it
     ids: list[int]  # chat-templated prompt token ids
     metadata: dict = field(default_factory=dict)  # whatever the reward function needs (e.g. the gold answer)
+
+
+PromptLike = Prompt | str | list[dict]
+
+
+def as_prompts(items: Sequence[PromptLike], tokenizer) -> list[Prompt]:
+    """Prompts from `Prompt`s (token ids given), plain text (tokenized as it is) or chat messages
+    (`[{"role": ..., "content": ...}, ...]`, templated by the tokenizer with the generation prompt).
+    Text and chat prompts get ids `prompt-<index>` and their text / messages as metadata."""
+    prompts = []
+    for i, item in enumerate(items):
+        if isinstance(item, Prompt):
+            prompts.append(item)
+        elif isinstance(item, str):
+            prompts.append(Prompt(f"prompt-{i}", list(tokenizer(item)["input_ids"]), {"prompt": item}))
+        elif isinstance(item, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in item):
+            ids = tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=True, return_dict=False)
+            prompts.append(Prompt(f"prompt-{i}", list(ids), {"messages": item}))
+        else:
+            raise TypeError(f"prompt {i}: expected a Prompt, a string or a list of {{role, content}} messages, "
+                            f"got {type(item).__name__}")
+    return prompts
 
 
 def limit_prompt_length(prompts: Sequence[Prompt], max_tokens: int, policy: Literal["truncate", "reject"]) -> tuple[list[Prompt], int]:

@@ -1,70 +1,103 @@
-"""Statistics of one GRPO step, summed over micro-batches and ranks before they become means.
+"""Statistics of one GRPO step: summed on device during the loss loop, reduced once at its end.
 
 Every mean is (sum over all ranks) / (count over all ranks), never a mean of per-rank means, so the
-logged numbers do not depend on how the step was split.
+logged numbers do not depend on how the step was split. The loss loop only adds device tensors (no
+host sync); `reduce` makes one tensor all-gather for every number of the step, plus one object
+all-gather for the reward-component names (a rank left with no groups has none of its own).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from minigrpo.dist import all_gather_object, all_reduce_sum, comm_device
+from minigrpo.dist import all_gather_object, comm_device
+from minigrpo.grpo import LossStats, StepCounts
+from minigrpo.rl.groups import CORRECT, Group, RolloutInfo
+from minigrpo.rl.micro_batches import RLMicroBatch
 
-SUM_KEYS = ("loss", "tokens", "ratio_sum", "kl_sum", "clip_low_count", "clip_high_count", "clip_dual_count", "entropy_sum", "sampler_diff_sum", "trained_tokens")
+
+@dataclass(slots=True)
+class LoopSums:
+    """What the loss loop adds up, per rank: float64 0-dim tensors on the compute device."""
+
+    loss: Tensor
+    loss_stats: LossStats | None
+    entropy: Tensor
+    sampler_diff: Tensor  # sum of |log pi_trainer - log pi_sampler| on scored tokens
+    trained_tokens: int  # real tokens through the model, prompts included (a Python count: no sync)
 
 
 class StepStats:
-    def __init__(self):
-        self.sums = {k: 0.0 for k in SUM_KEYS}
-        self.ratio_min, self.ratio_max = float("inf"), float("-inf")
-        self.grad_norms: list[float] = []
-        self.has_kl = False
+    def __init__(self, device: torch.device, has_kl: bool):
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums = LoopSums(zero, None, zero, zero, 0)
+        self.has_kl = has_kl
+        self.grad_norm = 0.0  # of the last optimizer step, set by the trainer
 
-    def add_loss(self, loss: torch.Tensor, s: dict, entropy: torch.Tensor, logp: torch.Tensor, mb) -> None:
-        """Add one micro-batch: its loss, `grpo_loss` statistics, entropy and sampler-vs-trainer gap."""
-        mask = mb.loss_mask
-        self.sums["loss"] += float(loss)
-        for k in ("tokens", "ratio_sum", "clip_low_count", "clip_high_count", "clip_dual_count", "kl_sum"):
-            if k in s:
-                self.sums[k] += float(s[k])
-        self.has_kl |= "kl_sum" in s
-        if float(s["tokens"]) > 0:
-            self.ratio_min = min(self.ratio_min, float(s["ratio_min"]))
-            self.ratio_max = max(self.ratio_max, float(s["ratio_max"]))
-        self.sums["entropy_sum"] += float((entropy.float() * mask).sum())
-        # |log pi_trainer - log pi_sampler| on the sampled tokens: engine/trainer mismatch (bf16, kernels, stale weights)
-        self.sums["sampler_diff_sum"] += float(((logp - mb.token_fields["sampler_logp"]).abs() * mask).sum())
-        attn = mb.attention_mask if mb.attention_mask is not None else torch.ones_like(mb.input_ids)
-        self.sums["trained_tokens"] += float(attn.sum())
+    def add(self, loss: Tensor, stats: LossStats, entropy: Tensor, logp: Tensor, mb: RLMicroBatch) -> None:
+        """Add one micro-batch (no host sync): its loss, `grpo.loss_stats`, entropy and sampler gap."""
+        s, mask = self.sums, mb.mask
+        s.loss = s.loss + loss.detach().double()
+        s.loss_stats = stats if s.loss_stats is None else s.loss_stats + stats
+        s.entropy = s.entropy + (entropy.detach().float() * mask).sum().double()
+        # engine/trainer mismatch on the sampled tokens (bf16, kernels, stale weights)
+        s.sampler_diff = s.sampler_diff + ((logp.detach() - mb.sampler_logp).abs() * mask).sum().double()
+        s.trained_tokens += mb.rows.input_tokens
 
-    def reduce(self, groups: list, n_tokens: int, info: dict, over_long: int) -> dict:
-        """Global metrics of the step (a collective: every rank calls it)."""
+    def _local_vector(self, groups: list[Group], info: RolloutInfo, components: list[str]) -> tuple[list[str], Tensor]:
+        s, ls = self.sums, self.sums.loss_stats
+        device = s.loss.device
         rewards = [r for g in groups for r in g.rewards]
         lengths = [len(c.token_ids) for g in groups for c in g.completions]
-        truncated = [c.finish_reason == "length" for g in groups for c in g.completions]
-        # Every rank must reduce a vector of the same length: agree on the component names (a rank left
-        # with no groups, e.g. after DAPO filtering, has none of its own).
-        component_names = sorted(set().union(*all_gather_object(sorted({k for g in groups for k in g.components}))))
-        resampled = "resampled" in info
-        names = list(SUM_KEYS) + ["n_rewards", "reward_sum", "reward_sq", "len_sum", "truncated", "zero_var", "groups"]
-        local = [self.sums[k] for k in SUM_KEYS] + [
-            len(rewards), sum(rewards), sum(r * r for r in rewards), sum(lengths), sum(truncated),
-            sum(g.zero_variance for g in groups), len(groups),
-        ]  # fmt: skip
-        for k in ("groups_generated", "groups_dropped"):
-            names.append(k)
-            local.append(float(info.get(k, 0)))
-        for c in component_names:
-            names.append("component_" + c)
-            local.append(sum(x for g in groups for x in g.components.get(c, [])))
-        if resampled:
-            names += ["resample_attempts", "resample_std"]
-            local += [sum(g.attempts for g in groups), sum(g.std for g in groups)]
-        total = dict(zip(names, all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()))
-        extremes = torch.tensor([-self.ratio_min, self.ratio_max, -min(lengths, default=1 << 30), max(lengths, default=0)], dtype=torch.float64, device=comm_device())
+        host = {
+            "n_rewards": len(rewards),
+            "reward_sum": sum(rewards),
+            "reward_sq": sum(r * r for r in rewards),
+            "len_sum": sum(lengths),
+            "truncated": sum(c.finish_reason == "length" for g in groups for c in g.completions),
+            "zero_var": sum(g.zero_variance for g in groups),
+            "groups": len(groups),
+            "groups_generated": info.groups_generated,
+            "groups_dropped": info.groups_dropped or 0,
+            "resample_attempts": sum(g.attempts for g in groups),
+            "resample_std": sum(g.std for g in groups),
+            "trained_tokens": s.trained_tokens,
+            # extremes, all as maxima: min(x) = -max(-x)
+            "neg_len_min": -min(lengths, default=1 << 30),
+            "len_max": max(lengths, default=0),
+            **{"component_" + c: sum(x for g in groups for x in g.components.get(c, [])) for c in components},
+        }
+        on_device = [s.loss, s.entropy, s.sampler_diff]
+        names = ["loss", "entropy_sum", "sampler_diff_sum"]
+        if ls is not None:
+            names += ["tokens", "ratio_sum", "kl_sum", "clip_low", "clip_high", "clip_dual", "neg_ratio_min", "ratio_max"]
+            on_device += [ls.tokens, ls.ratio_sum, ls.kl_sum, ls.clip_low_count, ls.clip_high_count,
+                          ls.clip_dual_count, -ls.ratio_min, ls.ratio_max]
+        vector = torch.cat([torch.stack(on_device), torch.tensor(list(host.values()), dtype=torch.float64, device=device)])
+        return names + list(host), vector
+
+    def reduce(self, groups: list[Group], counts: StepCounts, info: RolloutInfo, over_long: int) -> dict:
+        """Global metrics of the step (a collective: every rank calls it)."""
+        components = sorted(set().union(*all_gather_object(sorted({k for g in groups for k in g.components}))))
+        names, local = self._local_vector(groups, info, components)
+        local = local.to(comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, local)
+            stacked = torch.stack(parts)  # (world, K)
+        else:
+            stacked = local[None]
+        extreme = {"neg_len_min", "len_max", "neg_ratio_min", "ratio_max"}
+        values = [stacked[:, i].max() if n in extreme else stacked[:, i].sum() for i, n in enumerate(names)]
+        total = dict(zip(names, torch.stack(values).tolist()))
+        total.setdefault("tokens", 0.0)
+        return self._metrics(total, counts, info, over_long, components)
+
+    def _metrics(self, total: dict, counts: StepCounts, info: RolloutInfo, over_long: int, components: list[str]) -> dict:
         n, tok = max(total["n_rewards"], 1), max(total["tokens"], 1)
         mean = total["reward_sum"] / n
         m = {
@@ -74,32 +107,32 @@ class StepStats:
             "zero_variance_frac": total["zero_var"] / max(total["groups"], 1),
             "groups": int(total["groups"]),
             "completion_len_mean": total["len_sum"] / n,
-            "completion_len_min": int(-extremes[2]) if total["n_rewards"] else 0,
-            "completion_len_max": int(extremes[3]),
+            "completion_len_min": int(-total["neg_len_min"]) if total["n_rewards"] else 0,
+            "completion_len_max": int(total["len_max"]),
             "truncated_frac": total["truncated"] / n,
-            "completion_tokens": n_tokens,
+            "completion_tokens": counts.tokens,
             "completion_tokens_total": total["len_sum"],
             "entropy": total["entropy_sum"] / tok,
-            "ratio_mean": total["ratio_sum"] / tok,
-            "ratio_min": float(-extremes[0]),
-            "ratio_max": float(extremes[1]),
-            "clip_low_frac": total["clip_low_count"] / tok,
-            "clip_high_frac": total["clip_high_count"] / tok,
-            "clip_dual_frac": total["clip_dual_count"] / tok,
+            "ratio_mean": total.get("ratio_sum", 0.0) / tok,
+            "ratio_min": float(-total.get("neg_ratio_min", float("-inf"))),
+            "ratio_max": float(total.get("ratio_max", float("-inf"))),
+            "clip_low_frac": total.get("clip_low", 0.0) / tok,
+            "clip_high_frac": total.get("clip_high", 0.0) / tok,
+            "clip_dual_frac": total.get("clip_dual", 0.0) / tok,
             "sampler_logp_diff": total["sampler_diff_sum"] / tok,
-            "grad_norm": self.grad_norms[-1] if self.grad_norms else 0.0,
+            "grad_norm": self.grad_norm,
             "trained_tokens_total": total["trained_tokens"],
             "over_long_prompts": over_long,
         }
         if self.has_kl:
             m["kl_mean"] = total["kl_sum"] / tok
-        for c in component_names:
+        for c in components:
             m[f"reward_{c}"] = total["component_" + c] / n
-        if "correct" in component_names:
-            m["accuracy"] = m["reward_correct"]
-        if "groups_dropped" in info:
+        if CORRECT in components:
+            m["accuracy"] = m[f"reward_{CORRECT}"]
+        if info.groups_dropped is not None:
             m["groups_dropped"] = int(total["groups_dropped"])
-        if resampled:  # over the groups trained on
+        if info.resampled:  # over the groups trained on
             m["resample_attempts_mean"] = total["resample_attempts"] / max(total["groups"], 1)
             m["resample_final_std_mean"] = total["resample_std"] / max(total["groups"], 1)
         return m
