@@ -1,7 +1,8 @@
 """Small file helpers shared by every module that writes or reads run files.
 
-- `atomic_write_text` / `write_json_atomic` / `write_jsonl_atomic`: write to a temporary file in the
-  same folder, then `os.replace` it into place, so a reader (or a crash) never sees half a file.
+- `atomic_write_text` / `atomic_write_bytes` / `write_json_atomic` / `write_jsonl_atomic`: write to a
+  temporary file in the same folder, then `os.replace` it into place, so a reader (or a crash) never
+  sees half a file.
 - `read_jsonl`: one dict per non-blank line; a bad line is a `DataError` naming `file:line`.
 - `append_jsonl` / `truncate_jsonl`: the step logs (`metrics.jsonl`, ...) and their cut on resume.
 """
@@ -20,13 +21,18 @@ class DataError(ValueError):
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    """Write `text` (UTF-8) to `path` through a temporary file in the same folder and a rename."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
