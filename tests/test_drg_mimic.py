@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from minigrpo.io import DataError
 from recipes.drg.prep.course import (BRIEF_TO_ADMISSION_MEDS, BRIEF_TO_DISCHARGE_MEDS, BROAD_HEADER,
                                 extract_course)
 from recipes.drg.prep.mimic import main, map_to_v34, normalize_description, prepare
@@ -136,9 +137,9 @@ def test_missing_column_and_file_are_fatal(tmp_path):
     drg_path, note_path = write_fixture(tmp_path)
     bad = tmp_path / "bad.csv"
     bad.write_text("note_id,hadm_id,body\nN1,1,x\n")
-    with pytest.raises(SystemExit, match="missing column.*text"):
+    with pytest.raises(DataError, match="missing column.*text"):
         prepare(drg_path, bad, tmp_path / "out")
-    with pytest.raises(SystemExit, match="missing input file.*nope.csv"):
+    with pytest.raises(DataError, match="missing input file.*nope.csv"):
         prepare(tmp_path / "nope.csv", note_path, tmp_path / "out")
     assert not (tmp_path / "out" / "train.jsonl").exists()
 

@@ -12,24 +12,29 @@
 3. Drop DRGs with fewer than 2 cases; stratified 90/10 train/test split (seed 42); SFT/GRPO
    splits of train 50/50, 75/25, 90/10, 95/5 and "DRG-Small" (20% of train), all stratified by DRG.
 
-Every input row of both files is kept or dropped with a reason: counts in report.json, one line
-per dropped row in drops.jsonl. Malformed rows are dropped and reported; a missing column or file
-stops the run (SystemExit naming it). Every output is written to a temporary file and renamed.
+Every input row of both files is kept or dropped with a reason: report.json has the rows and lines
+read per file and the count of each reason (they sum to the rows read), drops.jsonl one line per
+dropped row with its file line. Malformed records, an unclosed quote among them, are dropped where
+they begin and reading goes on after them (csv_rows.py). A file that cannot be read (missing, a
+missing column, bad gzip, not UTF-8) stops the run before anything is written: one `error: ...`
+line naming the file and line, exit code 2. Progress goes to stderr; outputs left empty get a
+warning. Every output is written to a temporary file and renamed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import hashlib
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+from minigrpo.io import DataError, write_json_atomic, write_jsonl_atomic
 from recipes.drg.prep.course import extract_course
-from recipes.drg.records import make_record, stratified_split, write_jsonl_atomic
+from recipes.drg.prep.csv_rows import MALFORMED_ROW, CsvRows
+from recipes.drg.records import make_record, stratified_split
 from recipes.drg.tables import DrgTables, load_tables
 
 DRG_COLUMNS = ("hadm_id", "drg_type", "drg_code", "description")
@@ -60,43 +65,37 @@ def map_to_v34(raw: str, tables: DrgTables) -> str | None:
     return tables.mapping.get(text)
 
 
-def _open_csv(path: Path):
-    if not path.is_file():
-        raise SystemExit(f"error: missing input file: {path}")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8")
-    return path.open(newline="", encoding="utf-8")
+class _Progress:
+    """Rows read / kept / dropped of one input file, on stderr every `every` seconds and at the end."""
 
+    def __init__(self, rows: CsvRows, every: float):
+        self.rows, self.every = rows, every
+        self.start = self.last = time.monotonic()
 
-def iter_rows(path: Path, required: tuple[str, ...]):
-    """Yield (line, row or None, problem) for each data row; exit if a column is missing."""
-    csv.field_size_limit(2**31 - 1)
-    with _open_csv(path) as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        missing = [c for c in required if c not in (header or [])]
-        if missing:
-            raise SystemExit(f"error: {path}: missing column(s) {', '.join(missing)}; "
-                             f"header is {header}")
-        index = {c: header.index(c) for c in required}
-        while True:
-            line = reader.line_num + 1
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield line, None, f"unparseable CSV ({e})"
-                continue
-            if len(fields) != len(header):
-                yield line, None, f"{len(fields)} fields, header has {len(header)}"
-                continue
-            yield line, {c: fields[i] for c, i in index.items()}, None
+    def update(self, kept: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.show(kept, f"line {self.rows.lines:,}")
+
+    def show(self, kept: int, where: str) -> None:
+        read = self.rows.rows
+        print(f"mimic: {self.rows.path.name}: {read:,} rows read, {kept:,} kept, {read - kept:,} dropped "
+              f"({where}, {time.monotonic() - self.start:.1f} s)", file=sys.stderr, flush=True)
 
 
 def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
-            tables: DrgTables | None = None) -> dict:
+            tables: DrgTables | None = None, progress_every: float = 10.0) -> dict:
+    """Read both files, write the case files, drops.jsonl and report.json to `out`; return the report.
+
+    A file that cannot be read (see csv_rows.py) raises DataError before anything is written."""
     tables = tables or load_tables()
+    drg_rows = CsvRows(drgcodes, DRG_COLUMNS)
+    note_rows = CsvRows(discharge, NOTE_COLUMNS, multiline=("text",))
+    for rows in (drg_rows, note_rows):  # a bad header fails now, not after an hour of the other file
+        rows.check()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: the output folder is a file")
     drops: list[dict] = []
     drg_counts, note_counts = Counter(), Counter()
 
@@ -107,38 +106,49 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
 
     # ---- 1. DRG labels per admission ----
     labels: dict[str, str] = {}
-    for line, row, problem in iter_rows(drgcodes, DRG_COLUMNS):
-        if row is None or not row["hadm_id"].strip().isdigit():
-            drop("drgcodes", drg_counts, "malformed_row", line, row and row["hadm_id"],
-                 problem or "hadm_id is not a number")
+    progress = _Progress(drg_rows, progress_every)
+    for row in drg_rows:
+        progress.update(drg_counts["kept"])
+        line, fields = row.line, row.fields
+        if fields is None:
+            drop("drgcodes", drg_counts, row.reason, line, None, row.detail)
             continue
-        hadm = row["hadm_id"].strip()
-        if row["drg_type"].strip().upper() != "HCFA":
-            drop("drgcodes", drg_counts, "not_hcfa", line, hadm, row["drg_type"])
-        elif (v34 := map_to_v34(row["description"], tables)) is None:
-            drop("drgcodes", drg_counts, "unmapped_description", line, hadm, row["description"])
+        hadm = fields["hadm_id"].strip()
+        if not hadm.isdigit():
+            drop("drgcodes", drg_counts, MALFORMED_ROW, line, fields["hadm_id"], "hadm_id is not a number")
+        elif fields["drg_type"].strip().upper() != "HCFA":
+            drop("drgcodes", drg_counts, "not_hcfa", line, hadm, fields["drg_type"])
+        elif (v34 := map_to_v34(fields["description"], tables)) is None:
+            drop("drgcodes", drg_counts, "unmapped_description", line, hadm, fields["description"])
         elif hadm in labels:
             drop("drgcodes", drg_counts, "repeat_hcfa_for_admission", line, hadm,
                  f"{v34} (kept {labels[hadm]})")
         else:
             labels[hadm] = v34
             drg_counts["kept"] += 1
+    progress.show(drg_counts["kept"], "done")
 
     # ---- 2. notes -> brief hospital course ----
     cases: list[dict] = []
     lines: list[int] = []
     methods: list[str] = []
     seen_courses: set[bytes] = set()  # digests of whitespace-normalised courses
-    for line, row, problem in iter_rows(discharge, NOTE_COLUMNS):
-        if row is None or not row["hadm_id"].strip().isdigit() or not row["note_id"].strip():
-            drop("discharge", note_counts, "malformed_row", line, row and row["note_id"],
-                 problem or "missing note_id or non-numeric hadm_id")
+    progress = _Progress(note_rows, progress_every)
+    for row in note_rows:
+        progress.update(len(cases))
+        line, fields = row.line, row.fields
+        if fields is None:
+            drop("discharge", note_counts, row.reason, line, None, row.detail)
             continue
-        note_id, hadm = row["note_id"].strip(), row["hadm_id"].strip()
+        note_id, hadm = fields["note_id"].strip(), fields["hadm_id"].strip()
+        if not hadm.isdigit() or not note_id:
+            drop("discharge", note_counts, MALFORMED_ROW, line, fields["note_id"],
+                 "missing note_id or non-numeric hadm_id")
+            continue
         if hadm not in labels:
             drop("discharge", note_counts, "no_hcfa_drg", line, note_id)
             continue
-        course, method = extract_course(row["text"])
+        course, method = extract_course(fields["text"])
         if course is None:
             drop("discharge", note_counts, "no_course_section", line, note_id)
             continue
@@ -165,6 +175,10 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
             kept.append(case)
             sources[method] += 1
     note_counts["kept"] = len(kept)
+    progress.show(len(kept), f"done; DRGs with under {MIN_CASES} cases dropped")
+    for name, rows, counts in (("drgcodes", drg_rows, drg_counts), ("discharge", note_rows, note_counts)):
+        if sum(counts.values()) != rows.rows:  # every row read is kept or dropped with a reason
+            raise RuntimeError(f"{name}: {rows.rows} rows read but {sum(counts.values())} accounted for")
 
     train_idx, test_idx = stratified_split([c["drg"] for c in kept], TEST_FRACTION, seed)
     train, test = [kept[i] for i in train_idx], [kept[i] for i in test_idx]
@@ -176,19 +190,26 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
         outputs[f"splits/sft{share}_grpo.jsonl"] = [train[i] for i in grpo_idx]
     _, small_idx = stratified_split(train_labels, SMALL_FRACTION, seed)
     outputs["splits/small.jsonl"] = [train[i] for i in small_idx]
+    empty = [name for name, rows in outputs.items() if not rows]
+    if empty:
+        print(f"warning: {len(empty)} of {len(outputs)} outputs have no rows ({', '.join(empty)}): "
+              f"{len(kept)} cases over {len({c['drg'] for c in kept})} DRGs were kept", file=sys.stderr)
 
     report = {
         "inputs": {"drgcodes": str(drgcodes), "discharge": str(discharge), "seed": seed},
+        "rows_read": {"drgcodes": drg_rows.rows, "discharge": note_rows.rows},  # = the sums below
+        "lines_read": {"drgcodes": drg_rows.lines, "discharge": note_rows.lines},
         "drgcodes_rows": dict(sorted(drg_counts.items())),
         "discharge_rows": dict(sorted(note_counts.items())),
         "course_sources": dict(sorted(sources.items())),  # of kept notes
         "distinct_drgs": len({c["drg"] for c in kept}),
         "outputs": {name: len(rows) for name, rows in outputs.items()},
+        "empty_outputs": empty,
     }
     for name, rows in outputs.items():
         write_jsonl_atomic(out / name, rows)
     write_jsonl_atomic(out / "drops.jsonl", drops)
-    write_jsonl_atomic(out / "report.json", [report])  # one JSON line
+    write_json_atomic(out / "report.json", report)
     return report
 
 
@@ -199,7 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    report = prepare(args.drgcodes, args.discharge, args.out, args.seed)
+    try:
+        report = prepare(args.drgcodes, args.discharge, args.out, args.seed)
+    except DataError as e:  # the message names the file and line; anything else keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     json.dump(report, sys.stdout, indent=2)
     print()
 
