@@ -21,7 +21,9 @@ def make_prompts(tokenizer, n: int = 64) -> list[Prompt]:
     prompts = []
     for i in range(n):
         text = f"write digits: {WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]} {i}"
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         prompts.append(Prompt(f"digits-{i}", list(ids), {"text": text}))
     return prompts
 

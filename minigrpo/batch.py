@@ -62,11 +62,20 @@ class MicroBatch:
         return int(self.loss_mask.sum().item())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return MicroBatch(
-            move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.targets),
-            move(self.loss_mask), move(self.seq_index), {k: move(v) for k, v in self.token_fields.items()}, list(self.sample_indices), self.input_tokens,
-        )  # fmt: skip
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            position_ids=move(self.position_ids),
+            targets=move(self.targets),
+            loss_mask=move(self.loss_mask),
+            seq_index=move(self.seq_index),
+            token_fields={k: move(v) for k, v in self.token_fields.items()},
+            sample_indices=list(self.sample_indices),
+            input_tokens=self.input_tokens,
+        )
 
 
 def _field_names(samples: Sequence[Sample]) -> list[str]:
@@ -77,7 +86,9 @@ def _field_names(samples: Sequence[Sample]) -> list[str]:
     return list(names)
 
 
-def collate_rows(samples: Sequence[Sample], rows: Sequence[Sequence[int]], pad_id: int, packed: bool, pad_to_multiple: int = 1) -> MicroBatch:
+def collate_rows(
+    samples: Sequence[Sample], rows: Sequence[Sequence[int]], pad_id: int, packed: bool, pad_to_multiple: int = 1
+) -> MicroBatch:
     """Lay out `samples[i]` for i in each row, left to right, into one (B, T) micro-batch.
 
     One sample per row with `packed=False` is ordinary right padding (attention_mask marks real
@@ -100,7 +111,9 @@ def collate_rows(samples: Sequence[Sample], rows: Sequence[Sequence[int]], pad_i
             s = samples[i]
             P, C = len(s.prompt_ids), len(s.completion_ids)
             if P == 0:
-                raise ValueError(f"sample {i}: empty prompt (the first completion token needs a position to be predicted from)")
+                raise ValueError(
+                    f"sample {i}: empty prompt (the first completion token needs a position to be predicted from)"
+                )
             end = start + P + C
             input_ids[b, start:end] = torch.as_tensor([*s.prompt_ids, *s.completion_ids], dtype=torch.long)
             attention_mask[b, start:end] = 1
@@ -123,7 +136,18 @@ def collate_rows(samples: Sequence[Sample], rows: Sequence[Sequence[int]], pad_i
     targets = shift_targets(input_ids, completion_mask)  # (B, T)
     loss_mask = (targets != IGNORE_INDEX).float()
     flat = [i for row in rows for i in row]
-    return MicroBatch(input_ids, None if packed else attention_mask, position_ids, targets, loss_mask, seq_index, fields, flat, int(attention_mask.sum()))
+    real_tokens = sum(lengths)  # = attention_mask.sum(), without reading a tensor back
+    return MicroBatch(
+        input_ids,
+        None if packed else attention_mask,
+        position_ids,
+        targets,
+        loss_mask,
+        seq_index,
+        fields,
+        flat,
+        real_tokens,
+    )
 
 
 def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
@@ -150,7 +174,11 @@ def group_rows(row_lengths: Sequence[int], micro_batch_size: int, max_tokens: in
     groups: list[list[int]] = []
     longest = 0
     for r, n in enumerate(row_lengths):
-        if groups and len(groups[-1]) < micro_batch_size and (max_tokens <= 0 or (len(groups[-1]) + 1) * max(longest, n) <= max_tokens):
+        if (
+            groups
+            and len(groups[-1]) < micro_batch_size
+            and (max_tokens <= 0 or (len(groups[-1]) + 1) * max(longest, n) <= max_tokens)
+        ):
             groups[-1].append(r)
             longest = max(longest, n)
         else:
@@ -160,7 +188,12 @@ def group_rows(row_lengths: Sequence[int], micro_batch_size: int, max_tokens: in
 
 
 def make_micro_batches(
-    samples: Sequence[Sample], micro_batch_size: int, pad_id: int, pack_len: int = 0, pad_to_multiple: int = 1, max_tokens: int = 0
+    samples: Sequence[Sample],
+    micro_batch_size: int,
+    pad_id: int,
+    pack_len: int = 0,
+    pad_to_multiple: int = 1,
+    max_tokens: int = 0,
 ) -> list[MicroBatch]:
     """Split this rank's samples into micro-batches of at most `micro_batch_size` rows (and at most
     `max_tokens` padded tokens each when > 0: long GRPO completions then get smaller micro-batches).
@@ -173,7 +206,10 @@ def make_micro_batches(
     else:
         rows = [[i] for i in range(len(samples))]
     groups = group_rows([sum(len(samples[i]) for i in row) for row in rows], micro_batch_size, max_tokens)
-    return [collate_rows(samples, [rows[r] for r in g], pad_id, packed=pack_len > 0, pad_to_multiple=pad_to_multiple) for g in groups]
+    return [
+        collate_rows(samples, [rows[r] for r in g], pad_id, packed=pack_len > 0, pad_to_multiple=pad_to_multiple)
+        for g in groups
+    ]
 
 
 def empty_micro_batch(pad_id: int, field_names: Sequence[str] = ()) -> MicroBatch:
@@ -184,7 +220,9 @@ def empty_micro_batch(pad_id: int, field_names: Sequence[str] = ()) -> MicroBatc
     return mb
 
 
-def equalize_micro_batches(micro_batches: list[MicroBatch], pad_id: int, device: torch.device | None = None) -> list[MicroBatch]:
+def equalize_micro_batches(
+    micro_batches: list[MicroBatch], pad_id: int, device: torch.device | None = None
+) -> list[MicroBatch]:
     """Append empty micro-batches so every rank runs the same number (FSDP collectives must match)."""
     count = torch.tensor([len(micro_batches)], dtype=torch.long, device=device or comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -84,8 +84,10 @@ class GRPOTrainer:
         self.dist = init_distributed()
         self.out = Path(cfg.run.output_dir)
         if not cfg.run.resume and (self.out / "checkpoints").exists():
-            raise ConfigError(f"{self.out}/checkpoints exists: pass --run.resume=true to continue that run, "
-                              "or choose another run.output_dir")
+            raise ConfigError(
+                f"{self.out}/checkpoints exists: pass --run.resume=true to continue that run, "
+                "or choose another run.output_dir"
+            )
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.prompts, self.over_long = self._prepare_prompts(prompts)
         # run.steps = 0: one pass over the prompts left after the filters (the paper's one epoch).
@@ -115,7 +117,9 @@ class GRPOTrainer:
         seed = cfg.run.seed + self.dist.rank
         self.engine = make_engine(cfg.rollout, model.path, self.dist.device, seed, model.attn_implementation)
         torch.set_rng_state(rng_state)
-        self.source = GroupSource(self.engine, self._decode, reward_fn, self._sampling(), cfg.rollout.samples_per_prompt)
+        self.source = GroupSource(
+            self.engine, self._decode, reward_fn, self._sampling(), cfg.rollout.samples_per_prompt
+        )
         self.step = self.optimizer_steps = 0
         self.peak = peak_flops(self.dist.device)
         self.logger = MetricsLogger(str(self.out), self.total_steps, self.dist.is_main, cfg.run.report_to)
@@ -123,13 +127,16 @@ class GRPOTrainer:
     def _prepare_prompts(self, items: Sequence[PromptLike]) -> tuple[list, int]:
         """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long)."""
         run = self.cfg.grpo
-        prompts, over_long = limit_prompt_length(as_prompts(items, self.tokenizer), run.max_prompt_tokens,
-                                                 run.over_long_prompts)
+        prompts, over_long = limit_prompt_length(
+            as_prompts(items, self.tokenizer), run.max_prompt_tokens, run.over_long_prompts
+        )
         if run.curriculum != "none":
             prompts = apply_curriculum(prompts, load_prompt_records(run.curriculum_records), run.curriculum)
         if run.prompts_per_step % self.dist.world_size:
-            raise ConfigError(f"config key 'grpo.prompts_per_step': {run.prompts_per_step} does not split "
-                              f"over {self.dist.world_size} ranks")
+            raise ConfigError(
+                f"config key 'grpo.prompts_per_step': {run.prompts_per_step} does not split "
+                f"over {self.dist.world_size} ranks"
+            )
         if len(prompts) < self.dist.world_size:
             raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
         return prompts, over_long
@@ -137,16 +144,23 @@ class GRPOTrainer:
     def _sampling(self) -> SamplingParams:
         rollout = self.cfg.rollout
         stop = tuple(t for t in [self.tokenizer.eos_token_id] if t is not None)
-        return SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, stop,
-                              seed=self.cfg.run.seed)
+        return SamplingParams(
+            rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, stop, seed=self.cfg.run.seed
+        )
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _forward(self, model: torch.nn.Module, mb: RLMicroBatch, return_entropy: bool = False):
         rows = mb.rows
-        return model(rows.input_ids, rows.targets, rows.attention_mask, rows.position_ids,
-                     temperature=self.cfg.rollout.temperature, return_entropy=return_entropy)
+        return model(
+            rows.input_ids,
+            rows.targets,
+            rows.attention_mask,
+            rows.position_ids,
+            temperature=self.cfg.rollout.temperature,
+            return_entropy=return_entropy,
+        )
 
     # ----------------------------------------------------------------------------- phases
 
@@ -160,13 +174,19 @@ class GRPOTrainer:
         info = RolloutInfo(groups_generated=len(groups), resampled=run.dynamic_resampling != "off")
         if info.resampled:
             groups = resample_groups(
-                self.source, groups, run.dynamic_resampling, attempts=run.resample_attempts,
-                temperatures=run.resample_temperatures, min_std=run.resample_min_std,
-                positive_threshold=run.resample_positive_threshold, rng=self.rng,
+                self.source,
+                groups,
+                run.dynamic_resampling,
+                attempts=run.resample_attempts,
+                temperatures=run.resample_temperatures,
+                min_std=run.resample_min_std,
+                positive_threshold=run.resample_positive_threshold,
+                rng=self.rng,
             )
         if run.filter_zero_variance:
-            groups, info.groups_dropped = fill_with_signal(self.source, groups, self._draw, per_rank,
-                                                           run.filter_max_rounds)
+            groups, info.groups_dropped = fill_with_signal(
+                self.source, groups, self._draw, per_rank, run.filter_max_rounds
+            )
         return groups, info
 
     def _draw(self, k: int) -> list:
@@ -182,8 +202,9 @@ class GRPOTrainer:
     def micro_batches(self, groups: list[Group], adv: torch.Tensor) -> tuple[list[RLMicroBatch], grpo.StepCounts]:
         """This rank's micro-batches on its device, and the step's global counts (one collective)."""
         rollout = self.cfg.rollout
-        mbs, counts = pack_groups(groups, adv, self.cfg.parallel.micro_batch_size, self.tokenizer.pad_token_id,
-                                  rollout.max_new_tokens)
+        mbs, counts = pack_groups(
+            groups, adv, self.cfg.parallel.micro_batch_size, self.tokenizer.pad_token_id, rollout.max_new_tokens
+        )
         return [mb.to(self.dist.device) for mb in mbs], counts
 
     @torch.no_grad()
@@ -191,14 +212,20 @@ class GRPOTrainer:
         """Log-probs of the sampled tokens under `model` (reference or old policy), 0 where not scored."""
         return [self._forward(model, mb)[0].float() * mb.mask for mb in mbs]
 
-    def loss_and_backward(self, mbs: list[RLMicroBatch], aggregate: grpo.Aggregate, beta: float,
-                          stats: StepStats) -> None:
+    def loss_and_backward(
+        self, mbs: list[RLMicroBatch], aggregate: grpo.Aggregate, beta: float, stats: StepStats
+    ) -> None:
         """Forward + backward every micro-batch; gradients accumulate, already globally normalised.
 
         No host sync inside the loop: finiteness is a flag on device, checked once at the end."""
         loss_cfg = self.cfg.loss
-        terms = dict(eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, dual_clip=loss_cfg.dual_clip,
-                     kl=self.kl, max_log_ratio=loss_cfg.max_log_ratio)
+        terms = dict(
+            eps_low=loss_cfg.eps_low,
+            eps_high=loss_cfg.eps_high,
+            dual_clip=loss_cfg.dual_clip,
+            kl=self.kl,
+            max_log_ratio=loss_cfg.max_log_ratio,
+        )
         first_bad = torch.full((), -1, dtype=torch.long, device=self.dist.device)
         for i, mb in enumerate(mbs):
             logp, entropy = self._forward(self.policy, mb, return_entropy=True)
@@ -206,8 +233,9 @@ class GRPOTrainer:
             loss = grpo.grpo_loss(logp, old, mb.adv, mb.mask, aggregate, ref_logp=mb.ref_logp, beta=beta, **terms)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
             loss.backward()
-            stats.add(loss, grpo.loss_stats(logp, old, mb.adv, mb.mask, ref_logp=mb.ref_logp, **terms),
-                      entropy, logp, mb)
+            stats.add(
+                loss, grpo.loss_stats(logp, old, mb.adv, mb.mask, ref_logp=mb.ref_logp, **terms), entropy, logp, mb
+            )
         self._check_finite(first_bad)
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
@@ -220,8 +248,10 @@ class GRPOTrainer:
         code = int(code)
         if code != torch.iinfo(torch.long).max:
             micro_batch, rank = divmod(code, world)
-            raise NonFiniteLossError(f"step {self.step}: non-finite loss in micro-batch {micro_batch} on rank "
-                                     f"{rank} (check rewards and log-probs)")
+            raise NonFiniteLossError(
+                f"step {self.step}: non-finite loss in micro-batch {micro_batch} on rank "
+                f"{rank} (check rewards and log-probs)"
+            )
 
     def optimizer_step(self, total_updates: int) -> tuple[float, float]:
         lr = lr_at(self.optimizer_steps, total_updates, self.cfg.optim)
@@ -287,15 +317,24 @@ class GRPOTrainer:
         completions themselves only when `run.log_completions` (on real data they hold patient text)."""
         step = self.step + 1  # numbered as in metrics.jsonl
         records = [
-            {"step": step, "prompt_id": g.prompt.id, "rewards": g.rewards,
-             "correct": g.components.get(CORRECT, [float(r > 0) for r in g.rewards])}
+            {
+                "step": step,
+                "prompt_id": g.prompt.id,
+                "rewards": g.rewards,
+                "correct": g.components.get(CORRECT, [float(r > 0) for r in g.rewards]),
+            }
             for g in groups
         ]
         completions = []
         if self.cfg.run.log_completions:
             completions = [
-                {"step": step, "prompt_id": g.prompt.id, "completion": text, "reward": r,
-                 "finish_reason": c.finish_reason}
+                {
+                    "step": step,
+                    "prompt_id": g.prompt.id,
+                    "completion": text,
+                    "reward": r,
+                    "finish_reason": c.finish_reason,
+                }
                 for g in groups
                 for text, r, c in zip(g.texts, g.rewards, g.completions)
             ]
@@ -322,8 +361,15 @@ class GRPOTrainer:
         self.rng.setstate(python_rng_from_json(mine["rng"]))
 
     def save(self) -> None:
-        save_checkpoint(self.out / "checkpoints", self.step, self.policy, self.optimizer, self.state_dict(),
-                        to_dict(self.cfg), keep_last=self.cfg.run.keep_last)
+        save_checkpoint(
+            self.out / "checkpoints",
+            self.step,
+            self.policy,
+            self.optimizer,
+            self.state_dict(),
+            to_dict(self.cfg),
+            keep_last=self.cfg.run.keep_last,
+        )
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.out / "checkpoints")

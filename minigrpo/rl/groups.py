@@ -73,7 +73,9 @@ class GroupSource:
     sampling: SamplingParams  # at the run's temperature; its seed is set per step by the trainer
     n: int  # samples per prompt
 
-    def generate(self, prompts: Sequence[Prompt], temperature: float | None = None, seed_offset: int = 0) -> list[Group]:
+    def generate(
+        self, prompts: Sequence[Prompt], temperature: float | None = None, seed_offset: int = 0
+    ) -> list[Group]:
         sampling = self.sampling
         if temperature is not None:
             sampling = replace(sampling, temperature=temperature)
@@ -118,14 +120,18 @@ def resample_groups(
         if not failing:
             break
         temperature = rng.choice(list(temperatures))
-        fresh = source.generate([groups[i].prompt for i in failing], temperature=temperature, seed_offset=attempt * 7919)
+        fresh = source.generate(
+            [groups[i].prompt for i in failing], temperature=temperature, seed_offset=attempt * 7919
+        )
         for i, g in zip(failing, fresh):
             g.attempts = groups[i].attempts + 1
             groups[i] = g
     return groups
 
 
-def fill_with_signal(source: GroupSource, first: list[Group], draw: Callable[[int], list[Prompt]], want: int, max_rounds: int) -> tuple[list[Group], int]:
+def fill_with_signal(
+    source: GroupSource, first: list[Group], draw: Callable[[int], list[Prompt]], want: int, max_rounds: int
+) -> tuple[list[Group], int]:
     """DAPO dynamic sampling: keep groups with reward variance, draw more prompts until `want` are kept.
 
     Returns (kept groups, number of zero-variance groups dropped). Stops after `max_rounds` extra

@@ -40,12 +40,16 @@ def as_prompts(items: Sequence[PromptLike], tokenizer) -> list[Prompt]:
             ids = tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=True, return_dict=False)
             prompts.append(Prompt(f"prompt-{i}", list(ids), {"messages": item}))
         else:
-            raise TypeError(f"prompt {i}: expected a Prompt, a string or a list of {{role, content}} messages, "
-                            f"got {type(item).__name__}")
+            raise TypeError(
+                f"prompt {i}: expected a Prompt, a string or a list of {{role, content}} messages, "
+                f"got {type(item).__name__}"
+            )
     return prompts
 
 
-def limit_prompt_length(prompts: Sequence[Prompt], max_tokens: int, policy: Literal["truncate", "reject"]) -> tuple[list[Prompt], int]:
+def limit_prompt_length(
+    prompts: Sequence[Prompt], max_tokens: int, policy: Literal["truncate", "reject"]
+) -> tuple[list[Prompt], int]:
     """Left-truncate (keeping the end, where the question and generation prompt sit) or drop
     prompts longer than `max_tokens`. Returns the kept prompts and how many were over the limit."""
     kept, over = [], 0
@@ -58,7 +62,9 @@ def limit_prompt_length(prompts: Sequence[Prompt], max_tokens: int, policy: Lite
             kept.append(Prompt(p.id, p.ids[-max_tokens:], p.metadata))
     if over:
         action = "left-truncated" if policy == "truncate" else "rejected"
-        warnings.warn(f"{over} of {len(prompts)} prompts are longer than {max_tokens} tokens and were {action}", stacklevel=2)
+        warnings.warn(
+            f"{over} of {len(prompts)} prompts are longer than {max_tokens} tokens and were {action}", stacklevel=2
+        )
     if not kept:
         raise ValueError(f"no prompt left: all {len(prompts)} are longer than max_prompt_tokens={max_tokens}")
     return kept, over
@@ -95,6 +101,7 @@ def apply_curriculum(
     `easy_to_hard` orders prompts by the previous mean correctness, highest first (unseen prompts last),
     and the run then reads them in that order instead of shuffled.
     """
+
     def kind(p: Prompt) -> str:
         c = records.get(p.id)
         if not c:

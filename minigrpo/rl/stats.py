@@ -74,10 +74,29 @@ class StepStats:
         on_device = [s.loss, s.entropy, s.sampler_diff]
         names = ["loss", "entropy_sum", "sampler_diff_sum"]
         if ls is not None:
-            names += ["tokens", "ratio_sum", "kl_sum", "clip_low", "clip_high", "clip_dual", "neg_ratio_min", "ratio_max"]
-            on_device += [ls.tokens, ls.ratio_sum, ls.kl_sum, ls.clip_low_count, ls.clip_high_count,
-                          ls.clip_dual_count, -ls.ratio_min, ls.ratio_max]
-        vector = torch.cat([torch.stack(on_device), torch.tensor(list(host.values()), dtype=torch.float64, device=device)])
+            names += [
+                "tokens",
+                "ratio_sum",
+                "kl_sum",
+                "clip_low",
+                "clip_high",
+                "clip_dual",
+                "neg_ratio_min",
+                "ratio_max",
+            ]
+            on_device += [
+                ls.tokens,
+                ls.ratio_sum,
+                ls.kl_sum,
+                ls.clip_low_count,
+                ls.clip_high_count,
+                ls.clip_dual_count,
+                -ls.ratio_min,
+                ls.ratio_max,
+            ]
+        vector = torch.cat(
+            [torch.stack(on_device), torch.tensor(list(host.values()), dtype=torch.float64, device=device)]
+        )
         return names + list(host), vector
 
     def reduce(self, groups: list[Group], counts: StepCounts, info: RolloutInfo, over_long: int) -> dict:
@@ -97,7 +116,9 @@ class StepStats:
         total.setdefault("tokens", 0.0)
         return self._metrics(total, counts, info, over_long, components)
 
-    def _metrics(self, total: dict, counts: StepCounts, info: RolloutInfo, over_long: int, components: list[str]) -> dict:
+    def _metrics(
+        self, total: dict, counts: StepCounts, info: RolloutInfo, over_long: int, components: list[str]
+    ) -> dict:
         n, tok = max(total["n_rewards"], 1), max(total["tokens"], 1)
         mean = total["reward_sum"] / n
         m = {

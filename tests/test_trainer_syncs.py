@@ -1,0 +1,116 @@
+"""The loss loop has no host syncs and no object collectives per micro-batch.
+
+Counts, during a real GRPO step on one process, the calls made *from minigrpo's own code* that wait
+for the device (`Tensor.item`, `float()`, `int()`, `bool()`, `.tolist()`) and every
+`torch.distributed` object collective. The bound stated: inside `loss_and_backward`, exactly one host
+sync per call (the finiteness check before the optimizer step) and no object collective, whatever the
+number of micro-batches; over the whole step, the same number of syncs with 8 micro-batches as with 2.
+"""
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from examples.digits import make_prompts, reward_fn
+from minigrpo.config import load_config
+from minigrpo.model import load_tokenizer
+from minigrpo.trainer import GRPORunConfig, GRPOTrainer
+
+SYNC_METHODS = ("item", "__float__", "__int__", "__bool__", "tolist")
+OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+
+
+def _minigrpo_caller(depth: int = 2) -> str | None:
+    """`file:line` of the caller `depth` frames up when it is minigrpo's own code, else None."""
+    frame = sys._getframe(depth)
+    filename = frame.f_code.co_filename
+    if "/minigrpo/" in filename and "site-packages" not in filename:
+        return f"{filename.rsplit('/minigrpo/', 1)[1]}:{frame.f_lineno}"
+    return None
+
+
+class SyncCounter:
+    """Counts host syncs made by minigrpo code and object collectives, while `active`."""
+
+    def __init__(self, monkeypatch):
+        self.counts: Counter = Counter()
+        self.active = False
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap_sync(name, original))
+        for name in OBJECT_COLLECTIVES:
+            original = getattr(torch.distributed, name)
+            monkeypatch.setattr(torch.distributed, name, self._wrap_collective(name, original))
+
+    def _wrap_sync(self, name, original):
+        def wrapper(tensor, *args, **kwargs):
+            where = _minigrpo_caller() if self.active else None
+            if where:
+                self.counts["sync"] += 1
+                self.counts["sync at " + where] += 1
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    def _wrap_collective(self, name, original):
+        def wrapper(*args, **kwargs):
+            if self.active:
+                self.counts["object_collective"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+
+class CountingTrainer(GRPOTrainer):
+    def __init__(self, counter, *args):
+        super().__init__(*args)
+        self.counter, self.loop_counts, self.step_counts = counter, [], []
+
+    def loss_and_backward(self, *args):
+        before = Counter(self.counter.counts)
+        super().loss_and_backward(*args)
+        self.loop_counts.append(self.counter.counts - before)
+
+    def train_step(self):
+        before = Counter(self.counter.counts)
+        self.counter.active = True
+        try:
+            return super().train_step()
+        finally:
+            self.counter.active = False
+            self.step_counts.append(self.counter.counts - before)
+
+
+def _run(tiny_model_dir, out, monkeypatch, micro_batch_size):
+    counter = SyncCounter(monkeypatch)
+    overrides = [
+        f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", "--run.steps=2", "--run.seed=1",
+        "--run.save_every=-1", "--grpo.prompts_per_step=2", "--rollout.samples_per_prompt=4",
+        "--rollout.max_new_tokens=6", f"--parallel.micro_batch_size={micro_batch_size}", "--loss.beta=0.1",
+        "--grpo.updates_per_batch=2",
+    ]
+    cfg = load_config(GRPORunConfig, None, overrides)
+    trainer = CountingTrainer(counter, cfg, make_prompts(load_tokenizer(tiny_model_dir), 8), reward_fn)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 4])
+def test_loss_loop_has_one_host_sync_and_no_object_collective(tiny_model_dir, tmp_path, monkeypatch, micro_batch_size):
+    trainer = _run(tiny_model_dir, tmp_path, monkeypatch, micro_batch_size)
+    assert len(trainer.loop_counts) == 4  # 2 steps x 2 updates
+    for counts in trainer.loop_counts:
+        assert counts["sync"] == 1, counts  # the finiteness flag, read once after the loop
+        assert counts["object_collective"] == 0, counts
+
+
+def test_syncs_per_step_do_not_grow_with_micro_batches(tiny_model_dir, tmp_path, monkeypatch):
+    many = _run(tiny_model_dir, tmp_path / "many", monkeypatch, 1).step_counts  # 8 micro-batches a step
+    monkeypatch.undo()
+    few = _run(tiny_model_dir, tmp_path / "few", monkeypatch, 4).step_counts  # 2 micro-batches a step
+    assert [c["sync"] for c in many] == [c["sync"] for c in few], (many, few)
+    assert [c["object_collective"] for c in many] == [c["object_collective"] for c in few]
+    for counts in many:
+        assert counts["object_collective"] <= 2, counts  # reward-component names, prompt records
