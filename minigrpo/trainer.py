@@ -19,7 +19,7 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -42,6 +42,7 @@ from minigrpo.rl.prompts import PromptLike, PromptStream, apply_curriculum, as_p
 from minigrpo.rl.prompts import load_prompt_records
 from minigrpo.rl.stats import StepStats
 from minigrpo.rollout import SamplingParams, make_engine
+from minigrpo.seeding import derive_seed
 
 StepCallback = Callable[[int, dict], None]
 
@@ -94,7 +95,7 @@ class GRPOTrainer:
         self.total_steps = cfg.run.steps or max(1, len(self.prompts) // cfg.grpo.prompts_per_step)
         shuffle = cfg.grpo.shuffle and cfg.grpo.curriculum != "easy_to_hard"  # easy-to-hard keeps its order
         self.stream = PromptStream(len(self.prompts), cfg.run.seed, self.dist.rank, self.dist.world_size, shuffle)
-        self.rng = random.Random(cfg.run.seed * 7 + self.dist.rank)
+        self.rng = random.Random(derive_seed(cfg.run.seed, rank=self.dist.rank))  # resampling temperatures
 
         # Policy (trainable, sharded) and reference (frozen, sharded; only when a KL term is used).
         torch.manual_seed(cfg.run.seed)
@@ -114,11 +115,12 @@ class GRPOTrainer:
         # The engine is created after the process group on every rank (vLLM needs that order) and may
         # reseed the global RNG: nothing below depends on the global RNG.
         rng_state = torch.get_rng_state()
-        seed = cfg.run.seed + self.dist.rank
+        seed = derive_seed(cfg.run.seed, rank=self.dist.rank)
         self.engine = make_engine(cfg.rollout, model.path, self.dist.device, seed, model.attn_implementation)
         torch.set_rng_state(rng_state)
+        samples = cfg.rollout.samples_per_prompt
         self.source = GroupSource(
-            self.engine, self._decode, reward_fn, self._sampling(), cfg.rollout.samples_per_prompt
+            self.engine, self._decode, reward_fn, self._sampling(), samples, base_seed=cfg.run.seed, rank=self.dist.rank
         )
         self.step = self.optimizer_steps = 0
         self.peak = peak_flops(self.dist.device)
@@ -144,9 +146,7 @@ class GRPOTrainer:
     def _sampling(self) -> SamplingParams:
         rollout = self.cfg.rollout
         stop = tuple(t for t in [self.tokenizer.eos_token_id] if t is not None)
-        return SamplingParams(
-            rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, stop, seed=self.cfg.run.seed
-        )
+        return SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_new_tokens, stop)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -168,8 +168,7 @@ class GRPOTrainer:
         """Generate and score this rank's groups; dynamic resampling or DAPO filtering if configured."""
         run = self.cfg.grpo
         per_rank = run.prompts_per_step // self.dist.world_size
-        seed = self.cfg.run.seed + 1_000_003 * self.step + 7919 * self.dist.rank
-        self.source.sampling = replace(self.source.sampling, seed=seed)
+        self.source.start_step(self.step)
         groups = self.source.generate(self._draw(per_rank))
         info = RolloutInfo(groups_generated=len(groups), resampled=run.dynamic_resampling != "off")
         if info.resampled:

@@ -18,6 +18,7 @@ from typing import Callable, Literal, Sequence
 
 from minigrpo.rl.prompts import Prompt
 from minigrpo.rollout.base import Completion, RolloutEngine, SamplingParams
+from minigrpo.seeding import derive_seed
 
 # (completion texts, prompt metadata) -> rewards, or (rewards, {component name: one value per completion})
 RewardFn = Callable[[list[str], list[dict]], list[float] | tuple[list[float], dict[str, list[float]]]]
@@ -70,17 +71,24 @@ class GroupSource:
     engine: RolloutEngine
     decode: Callable[[list[int]], str]
     reward_fn: RewardFn
-    sampling: SamplingParams  # at the run's temperature; its seed is set per step by the trainer
+    sampling: SamplingParams  # at the run's temperature
     n: int  # samples per prompt
+    base_seed: int = 0  # run.seed
+    rank: int = 0
+    step: int = 0
+    attempt: int = 0  # generate() calls so far in this step
 
-    def generate(
-        self, prompts: Sequence[Prompt], temperature: float | None = None, seed_offset: int = 0
-    ) -> list[Group]:
-        sampling = self.sampling
+    def start_step(self, step: int) -> None:
+        self.step, self.attempt = step, 0
+
+    def generate(self, prompts: Sequence[Prompt], temperature: float | None = None) -> list[Group]:
+        """Sample and score G completions per prompt. Each call of a step (first draw, resampling
+        attempts, refills) gets its own seed: derive_seed(run seed, step, rank, attempt)."""
+        seed = derive_seed(self.base_seed, step=self.step, rank=self.rank, attempt=self.attempt)
+        self.attempt += 1
+        sampling = replace(self.sampling, seed=seed)
         if temperature is not None:
             sampling = replace(sampling, temperature=temperature)
-        if sampling.seed is not None:
-            sampling = replace(sampling, seed=sampling.seed + seed_offset)
         outs = self.engine.generate([p.ids for p in prompts], self.n, sampling)  # [P][G]
         texts = [[self.decode(c.token_ids) for c in group] for group in outs]
         flat_texts = [t for g in texts for t in g]
@@ -120,9 +128,7 @@ def resample_groups(
         if not failing:
             break
         temperature = rng.choice(list(temperatures))
-        fresh = source.generate(
-            [groups[i].prompt for i in failing], temperature=temperature, seed_offset=attempt * 7919
-        )
+        fresh = source.generate([groups[i].prompt for i in failing], temperature=temperature)
         for i, g in zip(failing, fresh):
             g.attempts = groups[i].attempts + 1
             groups[i] = g
@@ -142,7 +148,7 @@ def fill_with_signal(
     for round_ in range(1, max_rounds + 1):
         if len(kept) >= want:
             break
-        fresh = source.generate(draw(want - len(kept)), seed_offset=round_ * 104729)
+        fresh = source.generate(draw(want - len(kept)))
         good = [g for g in fresh if not g.zero_variance]
         dropped += len(fresh) - len(good)
         kept.extend(good)

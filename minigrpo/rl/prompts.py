@@ -15,6 +15,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from minigrpo.seeding import derive_seed
+
 
 @dataclass(slots=True)
 class Prompt:
@@ -143,7 +145,7 @@ class PromptStream:
         if not self.shuffle:
             order = list(range(self.n))
         else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, step=self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         return order[self.rank :: self.world][: self.n // self.world]  # equal share per rank
 
