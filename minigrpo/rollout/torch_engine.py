@@ -47,7 +47,8 @@ class TorchEngine:
         max_batch_rows: int | None = None,
     ):
         """`max_batch_rows` bounds the decode batch (prompts x n) per pass, and so the KV-cache memory
-        (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); None = one pass."""
+        (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); None = one pass. A pass holds
+        at least one prompt's n rows."""
         if isinstance(model, nn.Module):
             self.lm = model  # used as is, not copied: load_weights writes into it
         else:
@@ -140,11 +141,14 @@ class TorchEngine:
         pos = (slot[None, :Lmax] - (Lmax - lens[:, None])).clamp(min=0)  # (P, Lmax)
 
         # prefill mask (P, 1, Lmax, Lmax): causal, real keys only; pad queries see themselves (no empty
-        # softmax rows; their outputs are never used)
-        causal = torch.ones(Lmax, Lmax, dtype=torch.bool, device=dev).tril()
-        prefill_mask = (causal[None] & mask[:, None, :Lmax]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
+        # softmax rows; their outputs are never used). None when no prompt is padded: plain causal attention.
+        prefill_mask = None
+        if any(len(p) < Lmax for p in prompts):
+            causal = torch.ones(Lmax, Lmax, dtype=torch.bool, device=dev).tril()
+            prefill_mask = (causal[None] & mask[:, None, :Lmax]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
+            prefill_mask = prefill_mask[:, None]
         cache = _static_cache(self.lm.config, S)
-        hidden = self._forward(ids, prefill_mask[:, None], pos, cache)  # (P, H) last position
+        hidden = self._forward(ids, prefill_mask, pos, cache)  # (P, H) last position
 
         # expand P -> B = P * n rows: cache, mask, positions, and the first sampled token's logits
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
@@ -218,21 +222,44 @@ def _kv_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     """Attention over the filled part of a static cache, GQA without repeating key/value heads.
 
     query (B, H, q, d); key/value (B, Hkv, S_max, d): the whole preallocated cache;
-    attention_mask (B, 1, q, S) bool, True = attend, S = slots filled so far. Returns (B, q, H, d).
+    attention_mask (B, 1, q, S) bool, True = attend, S = slots filled so far, or None for an unpadded
+    prefill (S = q, causal). Returns (B, q, H, d).
     """
-    S = attention_mask.shape[-1]
-    key, value = key[:, :, :S], value[:, :, :S]
     B, H, q, d = query.shape
-    Hkv = key.shape[1]
+    S = q if attention_mask is None else attention_mask.shape[-1]
+    key, value = key[:, :, :S], value[:, :, :S]
     if q > 1:  # prefill: one big fused kernel is best
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=H != Hkv)
+        out = prefill_attention(query, key, value, attention_mask, scaling, repeat_kv=query.is_cuda)
         return out.transpose(1, 2).contiguous(), None
+    Hkv = key.shape[1]
     qg = query.reshape(B, Hkv, H // Hkv, d)  # (B, Hkv, groups, d): heads sharing a KV head, side by side
     scores = torch.matmul(qg, key.transpose(-1, -2)) * scaling  # (B, Hkv, groups, S)
-    scores = scores.masked_fill(~attention_mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
+    if attention_mask is not None:  # None: a one-token, unpadded prefill
+        scores = scores.masked_fill(~attention_mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
     probs = scores.float().softmax(dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, Hkv, groups, d)
     return out.reshape(B, 1, H, d), None
+
+
+def prefill_attention(query, key, value, mask, scaling, repeat_kv: bool) -> torch.Tensor:
+    """SDPA for a prefill: query (B, H, L, d), key/value (B, Hkv, L, d), mask (B, 1, L, L) bool or None
+    (causal). Returns (B, H, L, d).
+
+    Which SDPA kernel runs matters on CUDA: a prompt batch of 8 x 8k tokens costs the math kernel
+    (B, H, L, L) fp32 scores, tens of GB per layer. Unpadded prompts take `is_causal` with no mask, which
+    the flash kernel accepts with GQA. With a mask (left padding) flash is out, and whether the
+    memory-efficient kernel accepts `enable_gqa` depends on the torch version; transformers'
+    `use_gqa_in_sdpa` refuses masked GQA on CUDA for this reason. So there (`repeat_kv`) the KV heads are
+    repeated to H first: (B, H, L, d) extra per layer, against (B, H, L, L) for the math kernel. CPU keeps
+    `enable_gqa` with the mask (its fused kernel takes both).
+    """
+    H, Hkv = query.shape[1], key.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=H != Hkv)
+    if repeat_kv and H != Hkv:
+        key, value = key.repeat_interleave(H // Hkv, dim=1), value.repeat_interleave(H // Hkv, dim=1)  # (B, H, L, d)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=H != Hkv)
 
 
 @contextlib.contextmanager
