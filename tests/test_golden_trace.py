@@ -3,8 +3,9 @@
 test_trainer.py re-derives one step in float64; this test holds whole runs (sampling, rewards,
 advantages, reference and old log-probs, clipping, KL, the optimizer, weight sync and the step
 statistics) to tests/assets/digits_cpu_trace.json, recorded by tests/assets/make_golden_trace.py
-from the code before the code-shape refactor (issue 10; the file names its command, commit, torch
-version and date). A refactor meant to change nothing must reproduce it.
+(the file names its command, commit, torch version and date). First recorded at c159ecf, before the
+code-shape refactor of issue 10; re-recorded only for a change meant to alter the numbers. A
+refactor meant to change nothing must reproduce it.
 
 Tolerances, per metric (relative, absolute). Changing only `parallel.micro_batch_size` (1, 2, 3 or
 16 instead of 4), which leaves the math as it is and reorders float32 sums, moved loss and
