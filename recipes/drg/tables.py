@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigrpo.io import DataError
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # cc_mcc codes of drg_34_base_severity.csv (data/README.md).
@@ -34,7 +36,7 @@ SEVERITY_NAMES = {
 }
 
 
-class TableError(ValueError):
+class TableError(DataError):
     """A v34 table is missing or malformed; the message names the file."""
 
 
