@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML, the format Qwen2.5 instruct models use.
@@ -54,9 +58,6 @@ PRESETS = {
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Byte-level BPE trained on `texts`, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -78,21 +79,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
-def build_tiny(out: str | os.PathLike, texts: Iterable[str], preset: str = "tiny", seed: int = 0) -> Path:
-    """Train a tokenizer on `texts`, build a random Qwen2 model, save both to `out` (atomically)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    texts = list(texts)
-    if not any(t.strip() for t in texts):
-        raise ValueError("the tokenizer corpus is empty")
-    tokenizer = train_tokenizer(texts, p.vocab_size)
-    vocab = len(tokenizer)
-    config = Qwen2Config(
-        vocab_size=vocab,
+def qwen2_config(p: TinyPreset, tokenizer):
+    """The `Qwen2Config` of preset `p`, with the vocabulary and special tokens of `tokenizer`."""
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
         hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size,
         num_hidden_layers=p.num_layers,
@@ -106,12 +96,29 @@ def build_tiny(out: str | os.PathLike, texts: Iterable[str], preset: str = "tiny
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
+
+
+def build_tiny(out: str | os.PathLike, texts: Iterable[str], preset: str | TinyPreset = "tiny", seed: int = 0) -> Path:
+    """Train a tokenizer on `texts`, build a random Qwen2 model, save both to `out` (atomically).
+
+    `preset` names one of PRESETS or gives the sizes itself (the DRG demo's model).
+    """
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    texts = list(texts)
+    if not any(t.strip() for t in texts):
+        raise ValueError("the tokenizer corpus is empty")
+    tokenizer = train_tokenizer(texts, p.vocab_size)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(qwen2_config(p, tokenizer))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return _save_atomic(Path(out), model, tokenizer)
 
-    out = Path(out)
+
+def _save_atomic(out: Path, model, tokenizer) -> Path:
+    """Save model and tokenizer into a temporary sibling folder, then rename it to `out` (replacing it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     tmp.chmod(0o755)
