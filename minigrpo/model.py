@@ -121,20 +121,37 @@ class LogprobModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        targets: torch.Tensor,  # (B, T), IGNORE_INDEX where not scored
-        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token
+        targets: torch.Tensor,  # (B, T), IGNORE_INDEX where not scored; or (N,) with score_index
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token, or (B, 1, T, T) bool (True = attend)
         position_ids: torch.Tensor | None = None,  # (B, T) for packed rows
         temperature: float = 1.0,
         return_entropy: bool = False,
+        score_index: torch.Tensor | None = None,  # (N,) rows of the flattened (B * T) hidden states to score
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        """Log-probs (and entropy) of the scored tokens. The LM head runs only on scored rows.
+
+        Without `score_index`: targets (B, T) -> (B, T) outputs, 0 where not scored (the rows are
+        found on the host: one sync). With it: targets (N,) -> (N,) outputs for those rows."""
+        if attention_mask is not None and attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+            # eager attention adds the mask to the scores: a bool "may attend" mask becomes 0 / -large
+            attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
+                ~attention_mask, torch.finfo(torch.float32).min
+            )
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
         hidden = out.last_hidden_state  # (B, T, H)
         weight = self.lm.get_output_embeddings().weight  # (V, H)
         B, T = input_ids.shape
-        logp, entropy = fused_logprobs(
-            hidden.reshape(B * T, -1), weight, targets.reshape(B * T), temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX
-        )
-        # Fresh (B, T) tensors, not views: FSDP2 warns that an in-place op on a returned view would
-        # drop its pre-backward hook; the copy is [B, T] floats, nothing next to the activations.
-        logp = logp.reshape(B, T).clone()  # fp32
-        return logp, (entropy.reshape(B, T).clone() if entropy is not None else None)
+        flat_targets = targets.reshape(-1)
+        rows = score_index
+        if rows is None:
+            rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+            flat_targets = flat_targets[rows]
+        logp, entropy = fused_logprobs(hidden.reshape(B * T, -1)[rows], weight, flat_targets, temperature=temperature,
+                                       return_entropy=return_entropy, ignore_index=IGNORE_INDEX)
+        if score_index is not None:
+            return logp, entropy
+        # Back to (B, T). Fresh tensors, not views: FSDP2 warns that an in-place op on a returned view
+        # would drop its pre-backward hook; the copy is [B, T] floats, nothing next to the activations.
+        scatter = lambda v: v.new_zeros(B * T).scatter(0, rows, v).view(B, T)  # noqa: E731
+        return scatter(logp), (scatter(entropy) if entropy is not None else None)
