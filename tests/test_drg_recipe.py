@@ -1,5 +1,6 @@
 """The DRG recipe's entry points: configs, bad-input errors, evaluation, and a miniature pipeline."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def config_class(path: Path):
 
 @pytest.fixture(scope="module")
 def cases_file(tmp_path_factory) -> Path:
-    from recipes.drg.records import write_jsonl_atomic
+    from minigrpo.io import write_jsonl_atomic
     from recipes.drg.prep.synthetic import generate
 
     path = tmp_path_factory.mktemp("drg") / "cases.jsonl"
@@ -127,6 +128,84 @@ def test_sft_row_without_cot(tmp_path, cases_file, tiny_model_dir, capsys):
     assert built[0]["prompt"][0]["role"] == "system" and built[0]["completion"] == rows[0]["cot"]
 
 
+def folder_hash(root: Path) -> str:
+    """One hash over every file's relative path and bytes (and every folder's name)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_entry(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"recipes/drg/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize(("script", "flag", "keys"), [
+    ("train.py", "--help", ["data:", "train_file:", "reward: \"dense\"", "samples_per_prompt: 8", "one of strict|dense"]),
+    ("train.py", "-h", ["data:", "train_file:", "loss:"]),
+    ("sft.py", "--help", ["cases:", "missing_cot:", "knowledge: true", "max_seq_len:"]),
+    ("evaluate.py", "--help", ["eval:", "model:", "data:", "out:", "k: 8", "top_p: 0.95"]),
+    ("demo.py", "--help", ["demo:", "output_dir: \"outputs/drg-demo\"", "sft:", "grpo:", "eval:"]),
+    ("plot.py", "--help", ["plot:", "metrics:", "window: 5"]),
+])  # fmt: skip
+def test_every_entry_point_prints_help(script, flag, keys):
+    """`--help` / `-h`: usage, then the config tree with defaults, one line per key; exit 0."""
+    r = run_entry(script, flag)
+    assert r.returncode == 0, r.stderr
+    assert "usage" in r.stdout.lower() or f"recipes/drg/{script}" in r.stdout
+    assert "--section.key=value" in r.stdout
+    for key in keys:
+        assert key in r.stdout, (key, r.stdout)
+
+
+def test_empty_cases_file_is_named_empty(tmp_path, tiny_model_dir, capsys):
+    from recipes.drg import evaluate, sft, train
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = tmp_path / "run"
+    model = f"--model.path={tiny_model_dir}"
+    assert train.main([model, f"--data.train_file={empty}", f"--run.output_dir={out}"]) == 2
+    assert sft.main([model, f"--cases.train_file={empty}", f"--run.output_dir={out}"]) == 2
+    assert evaluate.main([f"--eval.model={tiny_model_dir}", f"--eval.data={empty}", f"--eval.out={out}/e.json"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all("empty.jsonl" in e and "empty" in e.split("empty.jsonl")[-1] for e in errors), errors
+    assert not any("max_prompt_tokens" in e or "sft_rows" in e for e in errors)
+    assert not out.exists()
+
+
+def test_sft_refusing_an_existing_run_leaves_it_byte_identical(tmp_path, cases_file, tiny_model_dir):
+    """A fresh SFT run into a folder with checkpoints is refused before anything there is written."""
+    from recipes.drg import sft
+
+    out = tmp_path / "sft"
+    base = [f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", "--cases.knowledge=false",
+            "--run.steps=1", "--data.batch_size=2", "--data.max_seq_len=2048", "--cases.max_cases=2"]
+    assert sft.main(base + [f"--cases.train_file={cases_file}"]) == 0
+    assert (out / "checkpoints").is_dir() and (out / sft.ROWS_FILE).is_file()
+    before = folder_hash(out)
+    other = tmp_path / "two.jsonl"
+    other.write_text("".join(cases_file.read_text().splitlines(keepends=True)[:2]))
+    r = run_entry("sft.py", *base, f"--cases.train_file={other}")
+    assert r.returncode == 2 and "checkpoints" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert folder_hash(out) == before
+
+
+def test_sft_long_prompt_names_the_case_and_writes_nothing(tmp_path, cases_file, tiny_model_dir, capsys):
+    from recipes.drg import sft
+
+    out = tmp_path / "sft"
+    args = [f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", f"--cases.train_file={cases_file}",
+            "--data.max_seq_len=64"]
+    assert sft.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{cases_file}: row 1 (" in err and "data.max_seq_len" in err, err
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -134,7 +213,8 @@ def test_evaluate_cli_writes_json_and_table(tmp_path, cases_file, tiny_model_dir
     from recipes.drg import evaluate
 
     out = tmp_path / "eval.json"
-    args = ["--model", str(tiny_model_dir), "--data", str(cases_file), "--k", "2", "--max_new_tokens", "8", "--max_cases", "3", "--out", str(out)]
+    args = [f"--eval.model={tiny_model_dir}", f"--eval.data={cases_file}", "--eval.k=2", "--eval.max_new_tokens=8",
+            "--eval.max_cases=3", f"--eval.out={out}"]
     assert evaluate.main(args) == 0
     result = json.loads(out.read_text())
     for level in ("drg", "base", "severity"):

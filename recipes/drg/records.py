@@ -1,5 +1,6 @@
-"""DRG case records: the JSONL schema shared by MIMIC-IV and synthetic data, atomic writes,
-validated reads and the stratified splitter used for every split of PAPER.md "Data".
+"""DRG case records: the JSONL schema shared by MIMIC-IV and synthetic data, validated reads and
+the stratified splitter used for every split of PAPER.md "Data" (files are written with
+minigrpo.io.write_jsonl_atomic).
 
 A record: note_id (str), hadm_id (int or str), problem (brief hospital course), solution (v34
 description), drg (int), base_drg (str, from the base/severity table), severity (int cc_mcc
@@ -8,16 +9,18 @@ code, see tables.SEVERITY_NAMES). Synthetic records may add `codes` and `cot`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from minigrpo.io import DataError, iter_jsonl, write_jsonl_atomic
+
 from recipes.drg.tables import DrgTables, load_tables
+
+# write_jsonl_atomic is minigrpo.io's, re-exported: the preparation scripts (prep/) write cases with it.
+__all__ = ["RECORD_FIELDS", "make_record", "read_cases", "stratified_split", "write_jsonl_atomic"]
 
 RECORD_FIELDS = ("note_id", "hadm_id", "problem", "solution", "drg", "base_drg", "severity")
 
@@ -33,46 +36,24 @@ def make_record(note_id: str, hadm_id, problem: str, solution: str,
             "severity": entry.severity, **extra}
 
 
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSONL to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
+def read_cases(path: str | Path, tables: DrgTables | None = None, require_rows: bool = False) -> list[dict]:
+    """Read a JSONL case file; DataError naming the file, line and field of a bad row.
 
-
-def read_cases(path: str | Path, tables: DrgTables | None = None) -> list[dict]:
-    """Read a JSONL case file; ValueError naming the file, line and field of a bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"missing DRG case file: {path}")
+    `require_rows`: a file without a single case is an error too (the entry points' inputs).
+    """
+    if not Path(path).is_file():
+        raise DataError(f"missing DRG case file: {path}")
     tables = tables or load_tables()
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-            for field in ("problem", "solution"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise ValueError(f"{path}:{line_no}: row has no {field!r}")
-            if tables.lookup(row["solution"]) is None:
-                raise ValueError(f"{path}:{line_no}: solution is not a v34 description: "
-                                 f"{row['solution']!r}")
-            rows.append(row)
+    for where, row in iter_jsonl(path):
+        for field in ("problem", "solution"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise DataError(f"{where}: row has no {field!r}")
+        if tables.lookup(row["solution"]) is None:
+            raise DataError(f"{where}: solution is not a v34 description: {row['solution']!r}")
+        rows.append(row)
+    if require_rows and not rows:
+        raise DataError(f"{path}: the file has no cases (it is empty)")
     return rows
 
 

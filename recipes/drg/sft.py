@@ -1,7 +1,8 @@
 """DRG SFT (PAPER.md "Training", knowledge infusion): chain-of-thought rows + the 28 knowledge rows.
 
-    torchrun --nproc_per_node N recipes/drg/sft.py --config recipes/drg/configs/sft_7b.yaml \
-        --model.path /models/Qwen2.5-7B-Instruct --cases.train_file data/sft_cases.jsonl
+    torchrun --nproc_per_node N recipes/drg/sft.py --config recipes/drg/configs/sft_7b.yaml \\
+        --model.path=/models/Qwen2.5-7B-Instruct --cases.train_file=data/sft_cases.jsonl
+    python recipes/drg/sft.py --help      # every config key with its default
 
 The recipe turns DRG cases (records.py schema; each needs a `cot` target, as synthetic.py writes)
 into minigrpo.sft rows and runs minigrpo's SFT loop on them:
@@ -9,26 +10,34 @@ into minigrpo.sft rows and runs minigrpo's SFT loop on them:
     case      -> prompt = [system, user] messages of prompts.build_messages(problem), completion = cot
     knowledge -> prompt = [user] message with the corpus prompt, completion = the list of v34 titles
 
-The rows go to OUTPUT_DIR/sft_rows.jsonl (written atomically by rank 0, after every input check).
-A prebuilt prompt/completion file can be given instead as --data.train_file.
+Nothing is written before every check has passed: minigrpo.sft checks the rows (and the model, the
+tokenizer and the output folder) from a private temporary copy; only then does rank 0 write them,
+atomically, to OUTPUT_DIR/sft_rows.jsonl, the file the run's config names. A prebuilt
+prompt/completion file can be given instead as --data.train_file.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/sft.py` from the repo root
 
+from minigrpo import sft
+from minigrpo.cli import run_command
 from minigrpo.config import check, load_config, section, split_cli
+from minigrpo.dist import barrier, init_distributed
+from minigrpo.help import print_help, wants_help
+from minigrpo.io import DataError, write_jsonl_atomic
 from minigrpo.model import check_model_dir
 from minigrpo.sft import SFTConfig
 
 from recipes.drg.prompts import build_messages, format_completion
-from recipes.drg.records import read_cases, write_jsonl_atomic
+from recipes.drg.records import read_cases
 from recipes.drg.tables import load_knowledge_rows
 
 ROWS_FILE = "sft_rows.jsonl"
@@ -57,34 +66,42 @@ class DrgSFTConfig(SFTConfig):
         pass  # model.path and the data source are checked by run(), which knows about `cases`
 
     def sft_config(self) -> SFTConfig:
-        """The config minigrpo.sft runs: data.train_file points at the recipe's rows when built from cases."""
-        from dataclasses import replace
-
-        return replace(self, data=replace(self.data, train_file=str(Path(self.run.output_dir) / ROWS_FILE))) if self.cases.train_file else self
+        """The config minigrpo.sft runs: data.train_file names the recipe's rows when built from cases."""
+        if not self.cases.train_file:
+            return self
+        return replace(self, data=replace(self.data, train_file=str(Path(self.run.output_dir) / ROWS_FILE)))
 
 
 def case_rows(cases: list[dict], missing_cot: str = "error", where: str = "cases") -> list[dict]:
-    """SFT rows (chat prompt + CoT completion) for DRG cases; ValueError naming a row without a CoT."""
+    """SFT rows (chat prompt + CoT completion) for DRG cases; ValueError naming a row without a CoT.
+
+    Each row's `source` names the case it came from (minigrpo.sft ignores the key).
+    """
     rows = []
     for i, case in enumerate(cases):
+        source = f"{where}: row {i + 1} ({case.get('note_id', '?')})"
         cot = case.get("cot")
         if not isinstance(cot, str) or not cot.strip():
             if missing_cot == "error":
-                raise ValueError(f"{where}: row {i + 1} ({case.get('note_id', '?')}) has no 'cot' target for SFT (set cases.missing_cot=answer_only to train on the answer alone)")
+                raise DataError(f"{source} has no 'cot' target for SFT "
+                                "(set cases.missing_cot=answer_only to train on the answer alone)")
             cot = format_completion("", case["solution"])
-        rows.append({"prompt": build_messages(case["problem"]), "completion": cot})
+        rows.append({"prompt": build_messages(case["problem"]), "completion": cot, "source": source})
     return rows
 
 
 def knowledge_rows(repeats: int = 1) -> list[dict]:
     """The 28 knowledge rows as single-turn chats."""
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "completion": r["completion"]} for r in load_knowledge_rows()]
-    return rows * repeats
+    rows = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "completion": r["completion"]}
+        for r in load_knowledge_rows()
+    ]
+    return [{**row, "source": f"knowledge row {i + 1}"} for i, row in enumerate(rows * repeats)]
 
 
 def build_rows(cfg: CasesConfig) -> list[dict]:
-    """All SFT rows for `cfg`: every input check happens here, before anything is written."""
-    cases = read_cases(cfg.train_file)
+    """All SFT rows for `cfg`; errors name the cases file and row."""
+    cases = read_cases(cfg.train_file, require_rows=True)
     if cfg.max_cases:
         cases = cases[: cfg.max_cases]
     rows = case_rows(cases, cfg.missing_cot, cfg.train_file)
@@ -93,31 +110,49 @@ def build_rows(cfg: CasesConfig) -> list[dict]:
     return rows
 
 
+def prepare_rows(cfg: SFTConfig, rows: list[dict]) -> sft.Prepared:
+    """minigrpo.sft's checks and tokenization of `rows` under `cfg`, read from a private temporary copy.
+
+    An error about a row names the case it came from, not the temporary file.
+    """
+    with tempfile.TemporaryDirectory(prefix="drg-sft-") as tmp:
+        staged = str(Path(tmp) / ROWS_FILE)
+        write_jsonl_atomic(staged, rows)
+        try:
+            return sft.prepare(replace(cfg, data=replace(cfg.data, train_file=staged)))
+        except ValueError as e:
+            line, _, rest = str(e).removeprefix(f"{staged}:").partition(":")
+            if not (str(e).startswith(f"{staged}:") and line.isdigit()):
+                raise
+            raise DataError(f"{rows[int(line) - 1]['source']}:{rest}") from None
+
+
 def run(cfg: DrgSFTConfig) -> dict:
-    """Build the rows (rank 0 writes them), then minigrpo SFT. Returns the last step's metrics.
+    """Check everything, write the rows (rank 0), then minigrpo SFT. Returns the last step's metrics.
 
     Keeps the process group alive, so a larger pipeline (the demo) can go on to GRPO.
     """
-    from minigrpo import sft
-    from minigrpo.dist import barrier, init_distributed
-
-    check(bool(cfg.cases.train_file or cfg.data.train_file), "cases.train_file", "a DRG cases file (or a prebuilt data.train_file) is required")
+    check(bool(cfg.cases.train_file or cfg.data.train_file), "cases.train_file",
+          "a DRG cases file (or a prebuilt data.train_file) is required")
     check(bool(cfg.model.path), "model.path", "is required (a local HF model folder)")
     check_model_dir(cfg.model.path)
-    rows = build_rows(cfg.cases) if cfg.cases.train_file else None  # every rank checks the same input
-    info = init_distributed()
     sft_cfg = cfg.sft_config()
-    if rows is not None and info.is_main:
+    if not cfg.cases.train_file:
+        return sft.train(sft_cfg, sft.prepare(sft_cfg))
+    rows = build_rows(cfg.cases)  # every rank checks the same input
+    prepared = prepare_rows(sft_cfg, rows)
+    if init_distributed().is_main:
         write_jsonl_atomic(sft_cfg.data.train_file, rows)
     barrier()
-    prepared = sft.prepare(sft_cfg)
     return sft.train(sft_cfg, prepared)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minigrpo.cli import run_command
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        return print_help(__doc__, DrgSFTConfig)
+    return run_command(lambda: run(load_config(DrgSFTConfig, *split_cli(argv))))
 
-    return run_command(lambda: run(load_config(DrgSFTConfig, *split_cli(sys.argv[1:] if argv is None else argv))))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,16 +1,18 @@
 """DRG GRPO (PAPER.md "Training"): rule-based DRG rewards on DRG cases, with minigrpo's GRPO loop.
 
-    torchrun --nproc_per_node 2 recipes/drg/train.py                       # the CPU demo (demo.py)
-    torchrun --nproc_per_node 8 recipes/drg/train.py --config recipes/drg/configs/best_config.yaml \
-        --model.path outputs/sft/hf --data.train_file data/grpo_cases.jsonl [--section.key=value ...]
+    torchrun --nproc_per_node 8 recipes/drg/train.py --config recipes/drg/configs/best_config.yaml \\
+        --model.path=outputs/sft/hf --data.train_file=data/grpo_cases.jsonl [--section.key=value ...]
+    python recipes/drg/train.py --help                  # every config key with its default
+    torchrun --nproc_per_node 2 recipes/drg/train.py    # no arguments: the CPU demo (demo.py, `make demo`)
 
 The recipe supplies three things and nothing else: prompts (the chat-templated question around each
 case's brief hospital course, prompts.py), a reward function (rewards.py, chosen by data.reward) and
-the config. Everything else is minigrpo.trainer.
+the config. Everything else is minigrpo.trainer. Every input is checked before anything is written.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,16 @@ from typing import Literal
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `torchrun recipes/drg/train.py` from the repo root
 
-from minigrpo.config import check, load_config, section
+from minigrpo.cli import run_command
+from minigrpo.config import check, load_config, section, split_cli
+from minigrpo.help import print_help, wants_help
+from minigrpo.model import load_tokenizer
 from minigrpo.rl.prompts import Prompt
-from minigrpo.trainer import GRPORunConfig
+from minigrpo.trainer import GRPORunConfig, GRPOTrainer
+
+from recipes.drg.prompts import build_prompt_ids
+from recipes.drg.records import read_cases
+from recipes.drg.rewards import DrgReward, make_reward
 
 
 @dataclass(slots=True)
@@ -36,7 +45,8 @@ class DrgDataConfig:
 
     def __post_init__(self) -> None:
         check(self.max_cases >= 0, "data.max_cases", "must be >= 0")
-        check(self.cot_first_penalty <= 0, "data.cot_first_penalty", f"must be <= 0 (a penalty), got {self.cot_first_penalty}")
+        penalty = self.cot_first_penalty
+        check(penalty <= 0, "data.cot_first_penalty", f"must be <= 0 (a penalty), got {penalty}")
 
 
 @dataclass(slots=True)
@@ -48,25 +58,21 @@ class DrgTrainConfig(GRPORunConfig):
 
 def build_prompts(cases: list[dict], tokenizer) -> list[Prompt]:
     """One Prompt per case: chat-templated ids, the gold title as reward metadata, a stable id."""
-    from recipes.drg.prompts import build_prompt_ids
-
     ids = [str(c.get("note_id") or f"row{i}") for i, c in enumerate(cases)]
     if len(set(ids)) != len(ids):  # curriculum records refer to prompts by id: it must be unique
         ids = [f"row{i}" for i in range(len(cases))]
-    return [Prompt(pid, build_prompt_ids(tokenizer, c["problem"]), {"solution": c["solution"]}) for pid, c in zip(ids, cases)]
+    return [
+        Prompt(pid, build_prompt_ids(tokenizer, case["problem"]), {"solution": case["solution"]})
+        for pid, case in zip(ids, cases)
+    ]
 
 
-def load_inputs(cfg: DrgTrainConfig):
+def load_inputs(cfg: DrgTrainConfig) -> tuple[list[Prompt], DrgReward]:
     """(prompts, reward_fn): every check of the run's inputs, before anything is written."""
-    from minigrpo.model import load_tokenizer
-
-    from recipes.drg.records import read_cases
-    from recipes.drg.rewards import make_reward
-
     check(bool(cfg.data.train_file), "data.train_file", "is required (a DRG cases JSONL)")
-    check(bool(cfg.model.path), "model.path", "is required (a local HF model folder, e.g. the SFT export OUTPUT_DIR/hf)")
+    check(bool(cfg.model.path), "model.path", "is required (a local HF model folder, e.g. an SFT export OUTPUT_DIR/hf)")
     reward_fn = make_reward(cfg.data.reward, compat=cfg.data.compat, cot_first_penalty=cfg.data.cot_first_penalty)
-    cases = read_cases(cfg.data.train_file)
+    cases = read_cases(cfg.data.train_file, require_rows=True)
     if cfg.data.max_cases:
         cases = cases[: cfg.data.max_cases]
     tokenizer = load_tokenizer(cfg.model.path, require_chat_template=True)
@@ -78,22 +84,28 @@ def run(cfg: DrgTrainConfig) -> list[dict]:
 
     Keeps the process group alive, so a larger pipeline (the demo) can evaluate afterwards.
     """
-    from minigrpo.trainer import GRPOTrainer
-
     prompts, reward_fn = load_inputs(cfg)
     return GRPOTrainer(cfg, prompts, reward_fn).train()  # run.steps 0 = one epoch, counted by the trainer
 
 
+def run_demo() -> int:
+    """`train.py` with no arguments: say so, then run the CPU demo (it says what it writes where)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("train.py: no arguments, so this is the CPU demo (recipes/drg/demo.py, configs/demo.yaml); "
+              "for GRPO on your own cases see `recipes/drg/train.py --help`", flush=True)
+    from recipes.drg import demo  # imported here, not above: demo.py imports this module for its GRPO phase
+
+    return demo.main([])
+
+
 def main(argv: list[str] | None = None) -> int:
-    from minigrpo.cli import run_command
-    from minigrpo.config import split_cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or "--demo" in argv:  # `train.py` alone, or `train.py --demo [--config X] [--a.b=v]`
-        from recipes.drg import demo
-
-        return demo.main([a for a in argv if a != "--demo"])
+    if wants_help(argv):
+        return print_help(__doc__, DrgTrainConfig)
+    if not argv:
+        return run_demo()
     return run_command(lambda: run(load_config(DrgTrainConfig, *split_cli(argv))))
+
 
 if __name__ == "__main__":
     sys.exit(main())
