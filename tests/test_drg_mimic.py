@@ -2,7 +2,11 @@
 
 import csv
 import gzip
+import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,7 @@ from recipes.drg.prep.mimic import main, map_to_v34, normalize_description, prep
 from recipes.drg.records import read_cases, stratified_split
 from recipes.drg.tables import load_tables
 
+ROOT = Path(__file__).resolve().parents[1]
 HF = "HEART FAILURE AND SHOCK WITH MCC"
 PCI = "PERCUTANEOUS CARDIOVASCULAR PROCEDURES WITH DRUG-ELUTING STENT WITHOUT MCC"
 SEPSIS = "SEPTICEMIA OR SEVERE SEPSIS WITHOUT MV >96 HOURS WITH MCC"
@@ -180,3 +185,280 @@ def test_stratified_split_counts():
 def test_split_size_has_no_float_overshoot():
     labels = [i % 4 for i in range(18000)]
     assert len(stratified_split(labels, 1 - 95 / 100, seed=42)[1]) == 900  # 0.05 * 18000
+
+
+# ---- damaged input: nothing lost silently, every bad file one clear error ----
+
+DRG_HEADER = "subject_id,hadm_id,drg_type,drg_code,description,drg_severity,drg_mortality\n"
+NOTE_HEADER = "note_id,subject_id,hadm_id,note_type,note_seq,charttime,storetime,text\n"
+
+
+def drg_line(hadm):
+    return f'{hadm},{hadm},HCFA,291,"HEART FAILURE & SHOCK, W MCC",,\n'
+
+
+def note_record(hadm, text=None, close=True):
+    """One discharge.csv record as MIMIC writes it: the text quoted, its quotes doubled."""
+    text = note("Brief Hospital Course:", story(f"h{hadm}x")) if text is None else text
+    quoted = text.replace('"', '""')
+    return f'N{hadm},1,{hadm},DS,1,2180-01-01,2180-01-02,"{quoted}' + ('"\n' if close else "\n")
+
+
+def run_mimic(drgcodes, discharge, out):
+    """The real entry point, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "recipes.drg.prep.mimic", "--drgcodes", str(drgcodes),
+                           "--discharge", str(discharge), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def report_of(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def drops_of(out):
+    return [json.loads(line) for line in (out / "drops.jsonl").read_text().splitlines()]
+
+
+def assert_every_row_accounted_for(report, drg_text, note_text):
+    """kept + each drop reason = rows read, and every physical line of both files was read."""
+    for name, text in (("drgcodes", drg_text), ("discharge", note_text)):
+        assert sum(report[f"{name}_rows"].values()) == report["rows_read"][name]
+        assert report["lines_read"][name] == len(text.splitlines())
+
+
+def test_unclosed_quote_in_drgcodes_costs_its_line_only(tmp_path):
+    # The new-user probe: line 62 has 3 fields, line 63 opens a quote it never closes, 60 good rows
+    # follow. Before, the 60 rows vanished into one field and the run exited 0.
+    drg_text = (DRG_HEADER + "".join(drg_line(100 + i) for i in range(60)) + "12,112,HCFA\n"
+                + '1,5001,"HCFA,291,broken\n' + "".join(drg_line(200 + i) for i in range(60)))
+    note_text = NOTE_HEADER + "".join(note_record(h) for h in (100, 101, 200, 259))
+    (tmp_path / "drgcodes.csv").write_text(drg_text)
+    (tmp_path / "discharge.csv").write_text(note_text)
+    r = run_mimic(tmp_path / "drgcodes.csv", tmp_path / "discharge.csv", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = report_of(tmp_path / "out")
+    assert report["rows_read"]["drgcodes"] == 122
+    assert report["drgcodes_rows"] == {"kept": 120, "malformed_row": 1, "bad_quoting": 1}
+    assert_every_row_accounted_for(report, drg_text, note_text)
+    bad = {d["line"]: d for d in drops_of(tmp_path / "out") if d["file"] == "drgcodes"}
+    assert sorted(bad) == [62, 63]
+    assert bad[62]["reason"] == "malformed_row" and bad[63]["reason"] == "bad_quoting"
+    assert "never closed" in bad[63]["detail"]
+    kept = [c["hadm_id"] for c in read_cases(tmp_path / "out/train.jsonl") + read_cases(tmp_path / "out/test.jsonl")]
+    assert sorted(kept) == [100, 101, 200, 259]  # labels from after the bad quote are used
+
+
+def test_unclosed_quote_in_discharge_costs_that_note_only(tmp_path):
+    """discharge.csv texts span lines legitimately, so a broken note is dropped from its first line to
+    the line before the next record that parses, and the notes after it are kept."""
+    stray = note("Brief Hospital Course:", story("h105x") + '\nhe said "no" to surgery')
+    records = [note_record(101), note_record(102, close=False),  # its closing quote is lost
+               note_record(103), note_record(104),
+               note_record(105, stray).replace('""no""', '"no"'),  # a quote in the text not doubled
+               note_record(106), note_record(107, close=False)]  # the file ends inside the text
+    note_text = NOTE_HEADER + "".join(records)
+    drg_text = DRG_HEADER + "".join(drg_line(h) for h in range(101, 108))
+    (tmp_path / "drgcodes.csv").write_text(drg_text)
+    (tmp_path / "discharge.csv").write_text(note_text)
+    r = run_mimic(tmp_path / "drgcodes.csv", tmp_path / "discharge.csv", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = report_of(tmp_path / "out")
+    assert report["discharge_rows"] == {"kept": 4, "bad_quoting": 3}
+    assert_every_row_accounted_for(report, drg_text, note_text)
+    starts = [i + 1 for i, line in enumerate(note_text.splitlines()) if line.startswith("N1")]
+    bad = [d for d in drops_of(tmp_path / "out") if d["file"] == "discharge"]
+    assert [d["line"] for d in bad] == [starts[1], starts[4], starts[6]]  # N102, N105, N107
+    assert f"lines {starts[1]}-{starts[2] - 1} dropped" in bad[0]["detail"]
+    assert "not doubled" in bad[1]["detail"] and f"lines {starts[4]}-{starts[5] - 1}" in bad[1]["detail"]
+    assert "never closed" in bad[2]["detail"] and f"-{len(note_text.splitlines())} dropped" in bad[2]["detail"]
+    cases = read_cases(tmp_path / "out/train.jsonl") + read_cases(tmp_path / "out/test.jsonl")
+    assert sorted(c["note_id"] for c in cases) == ["N101", "N103", "N104", "N106"]
+    assert all(c["problem"] == story(f"h{c['hadm_id']}x") for c in cases)
+
+
+def good_inputs(tmp_path):
+    drg_text = DRG_HEADER + "".join(drg_line(h) for h in range(101, 111))
+    note_text = NOTE_HEADER + "".join(note_record(h) for h in range(101, 111))
+    return drg_text, note_text
+
+
+def bad_file(case, tmp_path):
+    """(drgcodes, discharge, text the error must contain) for one kind of unreadable input."""
+    drg_text, note_text = good_inputs(tmp_path)
+    drg, notes = tmp_path / "drgcodes.csv", tmp_path / "discharge.csv"
+    drg.write_text(drg_text)
+    notes.write_text(note_text)
+    if case == "fake_gz":  # plain text named .gz
+        drg = tmp_path / "drgcodes.csv.gz"
+        drg.write_text(drg_text)
+        return drg, notes, f"{drg}: named .gz but not gzip"
+    if case == "truncated_gz":
+        notes = tmp_path / "discharge.csv.gz"
+        packed = gzip.compress(note_text.encode())
+        notes.write_bytes(packed[: len(packed) // 2])
+        return drg, notes, f"{notes}:"
+    if case == "gzip_named_csv":
+        notes.write_bytes(gzip.compress(note_text.encode()))
+        return drg, notes, f"{notes}: gzip data in a file not named .gz"
+    if case == "latin1_drgcodes":  # line 5 holds a latin-1 byte
+        lines = drg_text.splitlines(keepends=True)
+        lines[4] = lines[4].replace("SHOCK", "CHOC\u00c9")
+        drg.write_bytes("".join(lines).encode("latin-1"))
+        return drg, notes, f"{drg}:5: not UTF-8 text (byte 0xc9"
+    if case == "latin1_discharge":  # inside the text of the 3rd note, which spans lines
+        third = note_text.index("N103,")
+        line = note_text[:third].count("\n") + 2  # the record's line holds "Name: ___", the next this
+        notes.write_bytes(note_text.replace("Complaint: dyspnea\n\nBrief Hospital Course:\nh103x0",
+                                            "Complaint: dyspn\u00e9a\n\nBrief Hospital Course:\nh103x0"
+                                            ).encode("latin-1"))
+        return drg, notes, f"{notes}:{line}: not UTF-8 text (byte 0xe9 at column 23)"
+    if case == "missing_column":
+        notes.write_text(note_text.replace(",text\n", ",body\n", 1))
+        return drg, notes, f"{notes}: missing column(s) text"
+    if case == "empty_file":
+        drg.write_text("")
+        return drg, notes, f"{drg}: empty file"
+    if case == "missing_file":
+        return tmp_path / "nope.csv", notes, f"missing input file: {tmp_path / 'nope.csv'}"
+    raise AssertionError(case)
+
+
+def folder_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+BAD_FILES = ["fake_gz", "truncated_gz", "gzip_named_csv", "latin1_drgcodes", "latin1_discharge",
+             "missing_column", "empty_file", "missing_file"]
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_file_is_one_error_line_and_exit_2(case, tmp_path):
+    drg_text, note_text = good_inputs(tmp_path)
+    (tmp_path / "good_drg.csv").write_text(drg_text)
+    (tmp_path / "good_notes.csv").write_text(note_text)
+    out = tmp_path / "out"  # a previous good run's output must stay byte-identical
+    assert run_mimic(tmp_path / "good_drg.csv", tmp_path / "good_notes.csv", out).returncode == 0
+    before = folder_digest(out)
+    drg, notes, message = bad_file(case, tmp_path)
+    r = run_mimic(drg, notes, out)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("mimic: ")]  # progress lines
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert folder_digest(out) == before
+    assert run_mimic(drg, notes, tmp_path / "fresh").returncode == 2
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_truncated_gzip_names_the_line_reached(tmp_path):
+    drg, notes, _ = bad_file("truncated_gz", tmp_path)
+    with pytest.raises(DataError, match=r"discharge\.csv\.gz:\d+: the gzip data is damaged or cut short"):
+        prepare(drg, notes, tmp_path / "out")
+
+
+def test_empty_outputs_get_a_warning(tmp_path):
+    drg_text = DRG_HEADER + drg_line(101) + drg_line(102)
+    note_text = NOTE_HEADER + note_record(101) + note_record(102)
+    (tmp_path / "drgcodes.csv").write_text(drg_text)
+    (tmp_path / "discharge.csv").write_text(note_text)
+    r = run_mimic(tmp_path / "drgcodes.csv", tmp_path / "discharge.csv", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = report_of(tmp_path / "out")
+    empty = [name for name, rows in report["outputs"].items() if rows == 0]
+    assert empty and report["empty_outputs"] == empty
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and all(name in warning[0] for name in empty)
+    assert_every_row_accounted_for(report, drg_text, note_text)
+
+
+def test_progress_shows_rows_read_kept_dropped(tmp_path, capsys):
+    drg_path, note_path = write_fixture(tmp_path)
+    prepare(drg_path, note_path, tmp_path / "out", progress_every=0.0)  # a line for every row
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mimic: ")]
+    assert len(progress) > len(DRG_ROWS) + len(NOTES)
+    assert progress[-1].startswith("mimic: discharge.csv: 15 rows read, 6 kept, 9 dropped (done")
+    assert any(line.startswith("mimic: drgcodes.csv.gz: 15 rows read, 8 kept, 7 dropped (done")
+               for line in progress)
+
+
+# ---- de-identified headers: MIMIC-IV-Note writes a removed word as ___ ----
+
+def deidentified(phrase):
+    """Every form of `phrase` with one of its words removed by the de-identification."""
+    words = phrase.split()
+    return [" ".join("___" if j == i else w for j, w in enumerate(words)) for i in range(len(words))]
+
+
+ADMISSION_MEDS = "1. lisinopril 10 mg daily"
+DISCHARGE_MEDS = "1. metoprolol 25 mg twice daily"
+END_FORMS = ([(form, BRIEF_TO_ADMISSION_MEDS) for form in deidentified("Medications on Admission")]
+             + [(form, BRIEF_TO_DISCHARGE_MEDS) for form in deidentified("Discharge Medications")])
+
+
+@pytest.mark.parametrize("end,method", END_FORMS)
+def test_deidentified_end_marker_ends_the_course(end, method):
+    body = story("x", 50)
+    text = (f"Name: ___\n\nBrief Hospital Course:\n{body}\n\n{end}:\n{ADMISSION_MEDS}\n\n"
+            f"Discharge Medications:\n{DISCHARGE_MEDS}\n\nDischarge Disposition:\nHome\n")
+    if method == BRIEF_TO_DISCHARGE_MEDS:  # no admission list; the discharge list's header is de-identified
+        text = (f"Name: ___\n\nBrief Hospital Course:\n{body}\n\n{end}:\n{DISCHARGE_MEDS}\n\n"
+                "Discharge Disposition:\nHome\n")
+    assert extract_course(text) == (body, method)  # before: the medication list ran into the course
+
+
+HEADER_FORMS = ([(form, BRIEF_TO_ADMISSION_MEDS) for form in deidentified("Brief Hospital Course")]
+                + list(dict.fromkeys((form, BROAD_HEADER) for phrase in (
+                    "Hospital Course", "Summary of Hospital Course", "Hospital Course by Problem",
+                    "Hospital Course by Systems") for form in deidentified(phrase))))
+
+
+@pytest.mark.parametrize("header,method", HEADER_FORMS)
+def test_deidentified_header_starts_the_course(header, method):
+    body = story("y", 50)
+    for layout in (f"{header}:\n{body}", f"  {header}: {body}", f"{header}\n{body}"):
+        text = f"Name: ___\n\n{layout}\n\nMedications on Admission:\n1. aspirin\n"
+        assert extract_course(text) == (body, method), layout
+
+
+def test_deidentified_forms_only_as_header_lines():
+    body = story("z", 50)
+    prose = f"{body}\nseen by Dr. ___ on admission: stable\nthen ___ Medications were held"
+    text = f"Brief Hospital Course:\n{prose}\n\n___ on Admission:\n1. aspirin\n"
+    assert extract_course(text) == (prose, BRIEF_TO_ADMISSION_MEDS)  # mid-line forms do not end it
+    assert extract_course(f"Brief Hospital Course:\n{body}\n___:\n1. aspirin\n") == (None, None)
+    assert extract_course(f"Brief Hospital Course:\n{body}\n___ ___ Admission:\n1. aspirin\n") == (None, None)
+    assert extract_course(f"his ___ course: good\n{body}\nMedications on Admission:\n") == (None, None)
+
+
+def test_deidentified_headers_in_every_position_through_the_cli(tmp_path):
+    """One note per de-identified header or end marker; each keeps exactly its course, and the report
+    accounts for every row."""
+    forms = [(f"Brief Hospital Course:", f"{end}:") for end, _ in END_FORMS]
+    forms += [(f"{header}:", "Medications on Admission:") for header, _ in HEADER_FORMS]
+    records, expected = [], {}
+    for i, (header, end) in enumerate(forms):
+        hadm = 300 + i
+        meds = DISCHARGE_MEDS if end.endswith("Medications:") and "Admission" not in end else ADMISSION_MEDS
+        text = (f"Name: ___\nChief Complaint: dyspnea\n\n{header}\n{story(f'c{hadm}x')}\n\n{end}\n{meds}\n\n"
+                f"Discharge Medications:\n{DISCHARGE_MEDS}\n")
+        records.append(note_record(hadm, text))
+        expected[f"N{hadm}"] = story(f"c{hadm}x")
+    drg_text = DRG_HEADER + "".join(drg_line(300 + i) for i in range(len(forms)))
+    note_text = NOTE_HEADER + "".join(records)
+    (tmp_path / "drgcodes.csv").write_text(drg_text)
+    (tmp_path / "discharge.csv").write_text(note_text)
+    r = run_mimic(tmp_path / "drgcodes.csv", tmp_path / "discharge.csv", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = report_of(tmp_path / "out")
+    assert report["discharge_rows"] == {"kept": len(forms)}
+    assert_every_row_accounted_for(report, drg_text, note_text)
+    n_end = len(END_FORMS)
+    n_brief_header = len(deidentified("Brief Hospital Course"))
+    assert report["course_sources"] == {
+        BRIEF_TO_ADMISSION_MEDS: len(deidentified("Medications on Admission")) + n_brief_header,
+        BRIEF_TO_DISCHARGE_MEDS: len(deidentified("Discharge Medications")),
+        BROAD_HEADER: len(HEADER_FORMS) - n_brief_header}
+    assert n_end == 5
+    cases = read_cases(tmp_path / "out/train.jsonl") + read_cases(tmp_path / "out/test.jsonl")
+    assert {c["note_id"]: c["problem"] for c in cases} == expected  # no medication list leaked in

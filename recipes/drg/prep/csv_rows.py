@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -85,8 +86,7 @@ class _Lines:
         try:
             raw = self._binary.readline()
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise DataError(f"{self.path}:{number}: the gzip data is damaged or cut short ({e}); "
-                            f"{number - 1} lines were readable") from None
+            raise DataError(f"{self.path}:{number}: the gzip data is damaged or cut short ({e})") from None
         if not raw:
             raise StopIteration
         self.count = number
@@ -108,7 +108,7 @@ def _open(path: Path):
     if path.suffix == ".gz":
         if head != GZIP_MAGIC:
             raise DataError(f"{path}: named .gz but not gzip data (it begins {head!r})")
-        return gzip.open(path, "rb")
+        return io.BufferedReader(gzip.open(path, "rb"), 1 << 20)  # GzipFile.readline is slow Python
     if head == GZIP_MAGIC:
         raise DataError(f"{path}: gzip data in a file not named .gz (name it {path.name}.gz)")
     return path.open("rb")
@@ -122,6 +122,7 @@ class CsvRows:
         self.rows = 0  # records yielded, malformed ones included
         self.lines = 0  # physical lines read, the header included
         self.blank_lines = 0
+        self._index: dict[str, int] = {}  # column -> its place in the header
 
     def __iter__(self) -> Iterator[Row]:
         csv.field_size_limit(FIELD_LIMIT)
@@ -160,6 +161,7 @@ class CsvRows:
         repeated = [c for c in self.columns if header.count(c) > 1]
         if repeated:
             raise DataError(f"{self.path}: column(s) {', '.join(repeated)} appear more than once in the header")
+        self._index = {c: header.index(c) for c in self.columns}
         return header
 
     def _row(self, first: int, last: int, fields: list[str], header: list[str]) -> Row:
@@ -170,7 +172,7 @@ class CsvRows:
             if name not in self.multiline and ("\n" in value or "\r" in value):
                 return Row(first, last, None, BAD_QUOTING,
                            f"column {name!r} runs over lines {first}-{last} (a quote left open?)")
-        return Row(first, last, {c: fields[header.index(c)] for c in self.columns})
+        return Row(first, last, {c: fields[i] for c, i in self._index.items()})
 
     def _single_lines(self, lines: _Lines, header: list[str]) -> Iterator[Row]:
         for text in lines:

@@ -29,11 +29,12 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from minigrpo.io import DataError, write_json_atomic, write_jsonl_atomic
 from recipes.drg.prep.course import extract_course
-from recipes.drg.prep.csv_rows import MALFORMED_ROW, CsvRows
+from recipes.drg.prep.csv_rows import MALFORMED_ROW, CsvRows, Row
 from recipes.drg.records import make_record, stratified_split
 from recipes.drg.tables import DrgTables, load_tables
 
@@ -68,18 +69,20 @@ def map_to_v34(raw: str, tables: DrgTables) -> str | None:
 class _Progress:
     """Rows read / kept / dropped of one input file, on stderr every `every` seconds and at the end."""
 
-    def __init__(self, rows: CsvRows, every: float):
-        self.rows, self.every = rows, every
+    def __init__(self, rows: CsvRows, kept: Callable[[], int], every: float):
+        self.rows, self.kept, self.every = rows, kept, every
         self.start = self.last = time.monotonic()
 
-    def update(self, kept: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self.show(kept, f"line {self.rows.lines:,}")
+    def __iter__(self) -> Iterator[Row]:
+        for row in self.rows:
+            yield row
+            # Resumes once the caller has kept or dropped the row.
+            if time.monotonic() - self.last >= self.every:
+                self.last = time.monotonic()
+                self.show(f"line {self.rows.lines:,}")
 
-    def show(self, kept: int, where: str) -> None:
-        read = self.rows.rows
+    def show(self, where: str) -> None:
+        read, kept = self.rows.rows, self.kept()
         print(f"mimic: {self.rows.path.name}: {read:,} rows read, {kept:,} kept, {read - kept:,} dropped "
               f"({where}, {time.monotonic() - self.start:.1f} s)", file=sys.stderr, flush=True)
 
@@ -106,9 +109,8 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
 
     # ---- 1. DRG labels per admission ----
     labels: dict[str, str] = {}
-    progress = _Progress(drg_rows, progress_every)
-    for row in drg_rows:
-        progress.update(drg_counts["kept"])
+    progress = _Progress(drg_rows, lambda: drg_counts["kept"], progress_every)
+    for row in progress:
         line, fields = row.line, row.fields
         if fields is None:
             drop("drgcodes", drg_counts, row.reason, line, None, row.detail)
@@ -126,16 +128,15 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
         else:
             labels[hadm] = v34
             drg_counts["kept"] += 1
-    progress.show(drg_counts["kept"], "done")
+    progress.show("done")
 
     # ---- 2. notes -> brief hospital course ----
     cases: list[dict] = []
     lines: list[int] = []
     methods: list[str] = []
     seen_courses: set[bytes] = set()  # digests of whitespace-normalised courses
-    progress = _Progress(note_rows, progress_every)
-    for row in note_rows:
-        progress.update(len(cases))
+    progress = _Progress(note_rows, lambda: len(cases), progress_every)
+    for row in progress:
         line, fields = row.line, row.fields
         if fields is None:
             drop("discharge", note_counts, row.reason, line, None, row.detail)
@@ -175,7 +176,8 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
             kept.append(case)
             sources[method] += 1
     note_counts["kept"] = len(kept)
-    progress.show(len(kept), f"done; DRGs with under {MIN_CASES} cases dropped")
+    progress.kept = lambda: len(kept)
+    progress.show(f"done; DRGs with under {MIN_CASES} cases dropped")
     for name, rows, counts in (("drgcodes", drg_rows, drg_counts), ("discharge", note_rows, note_counts)):
         if sum(counts.values()) != rows.rows:  # every row read is kept or dropped with a reason
             raise RuntimeError(f"{name}: {rows.rows} rows read but {sum(counts.values())} accounted for")
