@@ -4,7 +4,7 @@ Layout of `run_dir/checkpoints/`:
     step_000020/            one complete checkpoint
         model_optim/        torch.distributed.checkpoint (DCP) files, one shard file per rank
         rng/rank_00000.json python / numpy / torch CPU / CUDA RNG states of each rank
-        meta.json           step, trainer state (data cursor, ...), config
+        meta.json           step, trainer state (data cursor, ...), config, data fingerprint
         manifest.json       size + sha256 of every file above, written last
     latest                  name of the newest complete checkpoint, written after the rename
 
@@ -12,6 +12,8 @@ Atomicity: everything is written into `step_000020.tmp/`, the manifest last, the
 renamed and `latest` is replaced (both atomic renames). A crash leaves at most a `.tmp` folder,
 which is never loaded. Loading verifies every file against the manifest first, so a checkpoint
 truncated or corrupted on disk fails with an error naming the file instead of loading garbage.
+
+Which checkpoint a resumed run continues from (and what it checks first) is run_dir.RunDir's job.
 
 No pickles: RNG states and metadata are JSON; DCP's metadata file is written and read by torch.
 """
@@ -33,17 +35,29 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minigrpo.dist import all_gather_object, all_ok, barrier, broadcast_object, rank, world_size
+from minigrpo.io import InputError, atomic_write_text, write_json_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"step_{step:06d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders under `root` whose save finished (renamed from .tmp), newest first.
+
+    Finished is not verified: `verify_manifest` checks the files."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -104,11 +118,15 @@ def write_manifest(folder: Path) -> None:
     Hashing a multi-GB checkpoint is the slow part of a save: sharing it keeps the cost per rank
     at about (checkpoint size / world size).
     """
-    files = broadcast_object(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST) if rank() == 0 else None)
-    mine = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)} for rel in files[rank() :: world_size()]}
+    listed = None
+    if rank() == 0:
+        listed = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = broadcast_object(listed)
+    mine = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)}
+            for rel in files[rank() :: world_size()]}
     entries = {rel: e for part in all_gather_object(mine) for rel, e in part.items()}
     if rank() == 0:
-        _write_json_atomic(folder / MANIFEST, {"files": dict(sorted(entries.items()))})
+        write_json_atomic(folder / MANIFEST, {"files": dict(sorted(entries.items()))}, indent=None, fsync=True)
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -151,15 +169,6 @@ def verify_manifest(folder: str | os.PathLike) -> None:
         raise CheckpointError(problem)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- save / load
 
 
@@ -171,8 +180,10 @@ def save_checkpoint(
     state: dict | None = None,
     config: dict | None = None,
     keep_last: int = 0,
+    data: dict | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final folder. `state` must be JSON-able."""
+    """Collective: every rank calls it. Returns the final folder. `state` (the trainer's), `config`
+    and `data` (a fingerprint of the training data, see run_dir.fingerprint) must be JSON-able."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -182,20 +193,21 @@ def save_checkpoint(
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
-    _write_json_atomic(tmp / "rng" / f"rank_{rank():05d}.json", rng_state())
+    write_json_atomic(tmp / "rng" / f"rank_{rank():05d}.json", rng_state(), indent=None, fsync=True)
     if rank() == 0:
-        _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world_size(), "state": state or {}, "config": config or {}})
+        meta = {"step": step, "world_size": world_size(), "state": state or {}, "config": config or {}}
+        if data is not None:
+            meta["data"] = data
+        write_json_atomic(tmp / "meta.json", meta, indent=None, fsync=True)
     barrier()  # every rank's shard and RNG file is on disk before the manifest describes them
     write_manifest(tmp)
     if rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        (root / (LATEST + ".tmp")).write_text(final.name)
-        os.replace(root / (LATEST + ".tmp"), root / LATEST)
+        atomic_write_text(root / LATEST, final.name, fsync=True)
         if keep_last > 0:
-            done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in done[:-keep_last]:
+            for old in complete_checkpoints(root)[keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -212,15 +224,27 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def read_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's meta.json: step, world_size, state (the trainer's), config, data (fingerprint)."""
+    meta = Path(path) / "meta.json"
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta}: unreadable ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    verify: bool = True) -> dict:
     """Collective. Verify, then restore model, optimizer and this rank's RNG; return meta.json.
 
     Every rank raises the same CheckpointError when any rank finds a damaged file. A different
     world size than at save time is allowed (DCP reshards); RNG states are then not restored.
+    `verify=False` skips the hashing, for a checkpoint the caller has just verified (RunDir does).
     """
     path = Path(path)
-    verify_manifest(path)
-    meta = json.loads((path / "meta.json").read_text())
+    if verify:
+        verify_manifest(path)
+    meta = read_meta(path)
     rng_file = path / "rng" / f"rank_{rank():05d}.json"
     same_world = meta.get("world_size", world_size()) == world_size()
     problem = all_ok(rng_file.is_file() or not same_world, f"{rng_file}: missing")
@@ -229,20 +253,23 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     to_load = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     dcp.load(to_load, checkpoint_id=str(path / "model_optim"))
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_sd, optim_state_dict=optim_sd if optimizer is not None else {})
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_sd,
+                   optim_state_dict=optim_sd if optimizer is not None else {})
     if same_world:
         set_rng_state(json.loads(rng_file.read_text()))
     elif rank() == 0:
         # DCP reshards model and optimizer to the new world size; per-rank RNG streams cannot be
         # mapped, so they start from the seed (data order is a function of the step, unaffected).
-        print(f"warning: {path} was saved by {meta['world_size']} ranks, resuming on {world_size()}: RNG states not restored", flush=True)
+        print(f"warning: {path} was saved by {meta['world_size']} ranks, resuming on {world_size()}: "
+              "RNG states not restored", flush=True)
     return meta
 
 
 # ----------------------------------------------------------------------------- HF export
 
 
-def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = 4 << 30) -> Path:
     """Collective. Write a `save_pretrained`-style folder (safetensors, config, generation config,
     tokenizer) that `AutoModelForCausalLM.from_pretrained` and vLLM load unchanged.
 

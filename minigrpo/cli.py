@@ -1,29 +1,56 @@
-"""How every minigrpo entry point ends: bad input -> one `error: ...` line and exit code 2; the process
-group torn down either way (with a barrier on success, see dist.destroy_distributed)."""
+"""How every minigrpo entry point ends.
+
+- Bad input (`io.InputError`: config keys, data files, model folders, checkpoints) -> one
+  `error: ...` line and exit code 2. Any other exception is a bug: it keeps its traceback.
+- Ctrl-C / SIGTERM / the torchrun launcher dying -> one line (`interrupted at step N; the last
+  checkpoint is step K; resume with ...`) and exit code 128 + the signal number.
+- Under torchrun every rank exits with the same code, but only local rank 0 prints the line, so a
+  config error shows once per node (torchrun's own failure summary follows it; that part is the
+  launcher's and cannot be switched off from the workers).
+- The process group is torn down either way (with a barrier only after a clean run).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
-from minigrpo.checkpoint import CheckpointError
-from minigrpo.config import ConfigError
-from minigrpo.dist import destroy_distributed
+from minigrpo import interrupt
+from minigrpo.dist import destroy_distributed, under_torchrun
+from minigrpo.io import InputError
 from minigrpo.model import ModelLoadError
 
-# Errors that describe the user's input (config, files, data rows, checkpoints), not a bug: their
-# message names the file, row or key, so a traceback adds nothing. ConfigError and the data errors
-# of minigrpo.sft and the recipes are ValueErrors.
-INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, ModelLoadError, CheckpointError)
+# Errors that describe the user's input, not a bug: their message names the file, row or key, so a
+# traceback adds nothing. ConfigError, DataError, CheckpointError and the recipes' data errors derive
+# from io.InputError; ModelLoadError is listed until model.py derives it from InputError too.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError, ModelLoadError)
+
+
+def _say(line: str) -> None:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank has the same line: print it once
+        print(line, file=sys.stderr, flush=True)
 
 
 def run_command(body: Callable[[], object]) -> int:
     """Run an entry point's body; return its exit code."""
+    previous = interrupt.handle_signals()
+    if under_torchrun():
+        interrupt.exit_with_parent()
+    finished, code = False, 0
     try:
         body()
+        finished = True
     except INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _say(f"error: {e}")
+        code = 2
+    except KeyboardInterrupt as e:  # interrupt.Interrupted, or a Ctrl-C that came before the handlers
+        stop = e if isinstance(e, interrupt.Interrupted) else interrupt.Interrupted()
+        _say(str(stop))
+        code = stop.exit_code
     finally:
-        destroy_distributed()
-    return 0
+        try:
+            destroy_distributed(clean=finished)
+        finally:
+            interrupt.restore(previous)
+    return code

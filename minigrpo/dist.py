@@ -6,6 +6,9 @@ FSDP2, DCP and every collective run exactly the same code with world size 1; not
 "distributed or not" further down.
 
 Backend: nccl when CUDA is available (one GPU per local rank), gloo on CPU.
+
+A torchrun worker watches its launcher: when the launcher dies (kill -9), the worker stops
+(interrupt.exit_with_parent) instead of training on as an orphan.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class DistInfo:
 
 def init_distributed(timeout_minutes: float = 30.0, use_cuda: bool | None = None) -> DistInfo:
     """Join (or create) the default process group and pick this rank's device. Idempotent."""
+    if under_torchrun():
+        from minigrpo.interrupt import exit_with_parent
+
+        exit_with_parent()
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     backend = "nccl" if use_cuda else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,6 +61,11 @@ def init_distributed(timeout_minutes: float = 30.0, use_cuda: bool | None = None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
+def under_torchrun() -> bool:
+    """True in a worker started by torchrun (torch.distributed.run sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 _TEARDOWN: list[weakref.WeakMethod] = []
 
 
@@ -66,15 +78,17 @@ def on_teardown(method) -> None:
     _TEARDOWN.append(weakref.WeakMethod(method))
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(clean: bool | None = None) -> None:
     """Tear the process group down (call it from a `finally:` at the end of an entry point).
 
-    On a normal exit every rank first meets at a barrier, so no rank destroys its gloo group while a
-    peer's last collective is still in flight; gloo threads still holding async work at interpreter
-    exit abort the process ("terminate called without an active exception", seen in CI). While an
-    exception propagates the barrier is skipped: a failed peer may never reach it.
+    On a normal exit (`clean`) every rank first meets at a barrier, so no rank destroys its gloo group
+    while a peer's last collective is still in flight; gloo threads still holding async work at
+    interpreter exit abort the process ("terminate called without an active exception", seen in CI).
+    After an error or an interrupt the barrier is skipped: a failed peer may never reach it.
+    `clean=None`: clean unless an exception is propagating.
     """
-    if dist.is_initialized() and sys.exc_info()[0] is None and dist.get_world_size() > 1:
+    clean = sys.exc_info()[0] is None if clean is None else clean
+    if dist.is_initialized() and clean and dist.get_world_size() > 1:
         dist.barrier()
     while _TEARDOWN:
         method = _TEARDOWN.pop()()

@@ -5,6 +5,8 @@
   sees half a file.
 - `read_jsonl`: one dict per non-blank line; a bad line is a `DataError` naming `file:line`.
 - `append_jsonl` / `truncate_jsonl`: the step logs (`metrics.jsonl`, ...) and their cut on resume.
+- `InputError`: the base of every error that describes the user's input (config, data, model folder,
+  checkpoint). Entry points print its message as one line; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,8 +18,18 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
-class DataError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a config key, a file, a row); the message names it."""
+
+
+class DataError(InputError):
     """A data file or row the user supplied is unusable; the message names the file (and line)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
@@ -36,6 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

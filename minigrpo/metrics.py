@@ -1,6 +1,7 @@
 """Step logs (OUTPUT_DIR/metrics.jsonl + one console line with ETA), device peak FLOPs for MFU.
 
-Only rank 0 writes. TensorBoard / wandb are used only when asked for (`report_to`) and installed.
+One logger for SFT and GRPO (RunDir makes it). Only rank 0 writes. TensorBoard / wandb receive the
+same rows when `run.report_to` asks for them; RunConfig has already checked that they are installed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 import torch
 
+from minigrpo.config import ConfigError
 from minigrpo.io import append_jsonl
 
 # Dense bf16 peak, per GPU, from the vendors' datasheets.
@@ -53,12 +55,18 @@ def _eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """`log(step, metrics)`: one JSON line per step and a short console line with progress and ETA."""
+    """`log(step, metrics)`: one JSON line per step and a short console line with progress and ETA.
 
-    CONSOLE_KEYS = ("reward_mean", "accuracy", "kl_mean", "entropy", "completion_len_mean", "grad_norm", "lr", "step_time")
+    `console_keys`: the metrics shown on the console line (GRPO's by default); every metric goes to
+    metrics.jsonl and to the `report_to` backends."""
 
-    def __init__(self, output_dir: str, total_steps: int, enabled: bool = True, report_to: str = "", start_step: int = 0):
+    CONSOLE_KEYS = ("reward_mean", "accuracy", "kl_mean", "entropy", "completion_len_mean", "grad_norm", "lr",
+                    "step_time")
+
+    def __init__(self, output_dir: str, total_steps: int, enabled: bool = True, report_to: str = "",
+                 start_step: int = 0, console_keys: tuple[str, ...] | None = None):
         self.enabled, self.total, self.start_step = enabled, total_steps, start_step
+        self.console_keys = console_keys or self.CONSOLE_KEYS
         self.t0 = time.perf_counter()
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.writers = []
@@ -74,17 +82,20 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise RuntimeError("report_to=tensorboard but tensorboard is not installed") from None
+                raise ConfigError("config key 'run.report_to': tensorboard is not installed",
+                                  key="run.report_to") from None
             w = SummaryWriter(os.path.join(output_dir, "tb"))
             return lambda step, m: [w.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
         if backend == "wandb":
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("report_to=wandb but wandb is not installed") from None
+                raise ConfigError("config key 'run.report_to': wandb is not installed",
+                                  key="run.report_to") from None
             run = wandb.init(dir=output_dir)
             return lambda step, m: run.log(m, step=step)
-        raise ValueError(f"unknown report_to backend {backend!r} (tensorboard, wandb)")
+        raise ConfigError(f"config key 'run.report_to': unknown backend {backend!r} (tensorboard, wandb)",
+                          key="run.report_to")
 
     def log(self, step: int, metrics: dict, console_keys: tuple[str, ...] | None = None) -> None:
         if not self.enabled:
@@ -96,6 +107,6 @@ class MetricsLogger:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        keys = console_keys or self.CONSOLE_KEYS
+        keys = console_keys or self.console_keys
         parts = " ".join(f"{k}={_fmt(row[k])}" for k in keys if k in row and row[k] is not None)
         print(f"step {step}/{self.total} {parts} eta={_eta(eta)}", flush=True)

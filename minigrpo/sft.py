@@ -11,7 +11,9 @@ generation prompt). The completion is followed by EOS. The loss is on completion
 where both sums run over every micro-batch of every rank (batch.global_token_count), so the
 result does not depend on the number of ranks or the micro-batch size.
 
-Every bad input (config, model folder, tokenizer, data rows) is found before anything is written.
+Every bad input (config, model folder, tokenizer, data rows, the run folder) is found before
+anything is written. The output folder is a run_dir.RunDir: metrics.jsonl (+ run.report_to),
+checkpoints/ (resume with --resume), hf/.
 """
 
 from __future__ import annotations
@@ -21,25 +23,24 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from minigrpo.batch import Sample, equalize_micro_batches, global_token_count, make_micro_batches
-from minigrpo.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section, split_cli, to_dict
+from minigrpo.checkpoint import export_hf
+from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section
+from minigrpo.config import split_cli, to_dict
 from minigrpo.dist import DistInfo, all_reduce_sum, init_distributed
+from minigrpo.io import DataError, iter_jsonl
 from minigrpo.model import DTYPES, LogprobModel, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import shard_model
+from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
 
-CRASH_ENV = "MINIGRPO_CRASH_AFTER_STEP"  # fault injection for the kill-and-resume test
-DEFAULTS = {"run": {"steps": 0}}  # SFT runs data.epochs by default, not RunConfig's 10 steps
-
-
-class DataError(ValueError):
-    """A bad data file or row; the message names the file and line."""
+CONSOLE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s")
+# Keys a resumed SFT run may change besides run.* and parallel.* (see run_dir): they do not touch training.
+MAY_CHANGE_ON_RESUME = ("data.eval_file", "data.eval_every", "checkpoint.export_dtype")
 
 
 @dataclass(slots=True)
@@ -62,11 +63,7 @@ class DataConfig:
 
 @dataclass(slots=True)
 class CheckpointConfig:
-    keep_last: int = 0  # complete checkpoints kept; 0 = all (run.keep_last, when set, wins)
-    export_dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = model.dtype
-
-    def __post_init__(self) -> None:
-        check(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    export_dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # dtype of hf/; "" = model.dtype
 
 
 @dataclass(slots=True)
@@ -86,34 +83,28 @@ class SFTConfig:
 # ----------------------------------------------------------------------------- data
 
 
+def _is_message(m) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def check_row(row: dict, where: str) -> dict:
+    """A row as the trainer keeps it, or a DataError naming `where` (file:line or row number)."""
+    for key in ("prompt", "completion"):
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}'")
+    if not isinstance(row["completion"], str):
+        raise DataError(f"{where}: 'completion' must be a string")
+    prompt = row["prompt"]
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(_is_message(m) for m in prompt))):
+        raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
+    return {"prompt": prompt, "completion": row["completion"], "where": where}
+
+
 def read_rows(path: str) -> list[dict]:
     """JSONL rows with `prompt` (str or message list) and `completion` (str); errors name file:line."""
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for key in ("prompt", "completion"):
-                if key not in row:
-                    raise DataError(f"{where}: missing field '{key}'")
-            if not isinstance(row["completion"], str):
-                raise DataError(f"{where}: 'completion' must be a string")
-            prompt = row["prompt"]
-            chat = isinstance(prompt, list)
-            is_message = lambda m: isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)  # noqa: E731
-            ok = isinstance(prompt, str) or (chat and all(is_message(m) for m in prompt))
-            if not ok:
-                raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
-            rows.append({"prompt": prompt, "completion": row["completion"], "where": where})
+    rows = [check_row(row, where) for where, row in iter_jsonl(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -125,12 +116,14 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int) -> list[Sample]
     for row in rows:
         prompt = row["prompt"]
         if isinstance(prompt, list):
-            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if not prompt_ids or len(prompt_ids) >= max_seq_len:
-            raise DataError(f"{row['where']}: the prompt has {len(prompt_ids)} tokens; it must have 1 to {max_seq_len - 1} (data.max_seq_len)")
+            raise DataError(f"{row['where']}: the prompt has {len(prompt_ids)} tokens; it must have 1 to "
+                            f"{max_seq_len - 1} (data.max_seq_len)")
         cut = len(prompt_ids) + len(completion_ids) > max_seq_len
         truncated += cut
         samples.append(Sample(list(prompt_ids), completion_ids[: max_seq_len - len(prompt_ids)]))
@@ -169,7 +162,8 @@ def micro_batches(samples: list[Sample], cfg: SFTConfig, pad_id: int, info: Dist
     return [mb.to(info.device) for mb in equalize_micro_batches(local, pad_id)]
 
 
-def train_step(model, optimizer, samples: list[Sample], cfg: SFTConfig, lr: float, pad_id: int, info: DistInfo) -> dict:
+def train_step(model, optimizer, samples: list[Sample], cfg: SFTConfig, lr: float, pad_id: int,
+               info: DistInfo) -> dict:
     """One optimizer step over this rank's `samples`. Returns global loss, grad norm and token counts."""
     mbs = micro_batches(samples, cfg, pad_id, info)
     num_tokens = global_token_count(mbs)  # before any micro-batch runs: the step's normaliser
@@ -182,8 +176,8 @@ def train_step(model, optimizer, samples: list[Sample], cfg: SFTConfig, lr: floa
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    input_tokens = sum(mb.input_tokens for mb in mbs)
-    totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(input_tokens), dtype=torch.float64, device=info.device)]))
+    input_tokens = torch.tensor(float(sum(mb.input_tokens for mb in mbs)), dtype=torch.float64, device=info.device)
+    totals = all_reduce_sum(torch.stack([loss_sum.double(), input_tokens]))
     return {"loss": float(totals[0]), "grad_norm": float(norm), "tokens": num_tokens, "input_tokens": int(totals[1])}
 
 
@@ -206,113 +200,114 @@ class Prepared:
     tokenizer: object
     train: list[Sample]
     eval: list[Sample]
+    data: dict  # run_dir.fingerprint of the training rows: a resumed run must train on the same ones
 
 
-def prepare(cfg: SFTConfig) -> Prepared:
-    """Every check that can fail on bad input, before anything is written or any rank syncs."""
-    rows = read_rows(cfg.data.train_file)
+def prepare(cfg: SFTConfig, rows: list[dict] | None = None) -> Prepared:
+    """Every check that can fail on bad input, before anything is written or any rank syncs.
+
+    `rows` (dicts with prompt and completion) are used instead of reading data.train_file."""
+    check_output_dir(cfg.run)
+    if rows is None:
+        rows = read_rows(cfg.data.train_file)
+    else:
+        rows = [check_row(row, f"row {i}") for i, row in enumerate(rows, 1)]
     eval_rows = read_rows(cfg.data.eval_file) if cfg.data.eval_file else []
     needs_chat = any(isinstance(r["prompt"], list) for r in rows + eval_rows)
     tokenizer = load_tokenizer(cfg.model.path, require_chat_template=needs_chat)
-    out = Path(cfg.run.output_dir)
-    if not cfg.run.resume and (out / "checkpoints").exists():
-        raise CheckpointError(f"{out}/checkpoints exists: pass --resume to continue that run, or choose another run.output_dir")
-    return Prepared(tokenizer, tokenize_rows(rows, tokenizer, cfg.data.max_seq_len), tokenize_rows(eval_rows, tokenizer, cfg.data.max_seq_len))
+    data = fingerprint(((r["prompt"], r["completion"]) for r in rows), cfg.data.train_file)
+    max_len = cfg.data.max_seq_len
+    train, held_out = tokenize_rows(rows, tokenizer, max_len), tokenize_rows(eval_rows, tokenizer, max_len)
+    return Prepared(tokenizer, train, held_out, data)
 
 
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; a line cut short by a crash counts as after every step."""
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:
-        return float("inf")
+class SFTTrainer:
+    """Construction checks the run folder (RunDir: fresh or resumable, same config and data), loads the
+    model and restores the checkpoint; `train()` runs the remaining steps and exports hf/.
 
+    `state_dict()` is the loop's own state: the step and the data cursor. The cursor is a pure function
+    of the step and run.seed (`step_indices`), so restoring the step restores it; the process RNGs of
+    every rank are saved beside it by checkpoint.py (rng/rank_*.json). SFT has no RNG of its own."""
 
-class StepLog:
-    """Console line with ETA + metrics.jsonl, rank 0 only."""
+    def __init__(self, cfg: SFTConfig, data: Prepared):
+        self.cfg, self.data = cfg, data
+        self.dist = init_distributed()
+        self.total_steps = total_steps(cfg, len(data.train))
+        self.run = RunDir(cfg.run, to_dict(cfg), data.data, may_change=MAY_CHANGE_ON_RESUME)
+        torch.manual_seed(cfg.run.seed)
+        model = cfg.model
+        lm = load_model(model.path, model.dtype, model.attn_implementation, model.trust_remote_code)
+        self.model = shard_model(LogprobModel(lm), cfg.parallel, self.dist)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        state = self.run.load(self.model, self.optimizer)
+        if state is not None:
+            self.load_state_dict(state)
 
-    def __init__(self, path: Path, enabled: bool, start_step: int, total: int):
-        self.enabled, self.total, self.start_step = enabled, total, start_step
-        self.t0 = time.perf_counter()
-        self.path = path
-        if enabled and path.exists():
-            # Steps logged after the checkpoint we resume from are about to be redone: drop them.
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+    def state_dict(self) -> dict:
+        per_epoch = max(1, len(self.data.train) // self.cfg.data.batch_size)
+        epoch, batch = divmod(self.step, per_epoch)
+        cursor = {"epoch": epoch, "batch_in_epoch": batch, "rows": len(self.data.train)}
+        return {"step": self.step, "data_cursor": cursor}
 
-    def __call__(self, step: int, record: dict) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.start_step
-        eta = elapsed / max(done, 1) * (self.total - step)
-        record = {"step": step, **record, "elapsed_s": round(elapsed, 3)}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = {k: v for k, v in record.items() if k not in ("step", "elapsed_s")}
-        parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()]
-        print(" | ".join(parts) + f" | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def train_step(self) -> dict:
+        """Optimizer step `self.step + 1`: its rows (this rank's share), the update, and its record."""
+        cfg, info = self.cfg, self.dist
+        rows = step_indices(self.step, len(self.data.train), cfg.data, cfg.run.seed)
+        mine = [self.data.train[i] for i in rows[info.rank :: info.world_size]]  # token counts may differ by rank
+        lr = lr_at(self.step, self.total_steps, cfg.optim)
+        t0 = time.perf_counter()
+        stats = train_step(self.model, self.optimizer, mine, cfg, lr, self.data.tokenizer.pad_token_id, info)
+        tokens_per_s = stats["input_tokens"] / (time.perf_counter() - t0)
+        return {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"], "tokens": stats["tokens"],
+                "tokens_per_s": tokens_per_s}
+
+    def train(self) -> dict:
+        """Run to the end; returns the last step's record."""
+        cfg, run, steps = self.cfg, self.run, self.total_steps
+        run.begin(steps, CONSOLE_KEYS)
+        if self.dist.is_main:
+            print(f"sft: {len(self.data.train)} rows, {steps} steps, world {self.dist.world_size} "
+                  f"({self.dist.backend}), {run.origin}", flush=True)
+        result: dict = {}
+        pad_id = self.data.tokenizer.pad_token_id
+        with run.interruptible(lambda: min(self.step + 1, steps)):
+            while self.step < steps:
+                record = self.train_step()
+                self.step += 1
+                done = self.step
+                if self.data.eval and ((cfg.data.eval_every and done % cfg.data.eval_every == 0) or done == steps):
+                    record["eval_loss"] = evaluate(self.model, self.data.eval, cfg, pad_id, self.dist)
+                if done % cfg.run.log_every == 0 or done == steps:
+                    run.log(done, record)
+                every = cfg.run.save_every
+                if (every > 0 and done % every == 0) or (done == steps and every >= 0):
+                    run.save(done, self.model, self.optimizer, self.state_dict())
+                result = record
+            export_dtype = DTYPES[cfg.checkpoint.export_dtype or cfg.model.dtype]
+            export_hf(self.model, run.out / "hf", self.data.tokenizer, dtype=export_dtype)
+        return result
 
 
 def train(cfg: SFTConfig, data: Prepared) -> dict:
-    info = init_distributed()
-    out = Path(cfg.run.output_dir)
-    ckpt_root = out / "checkpoints"
-    torch.manual_seed(cfg.run.seed)
-    lm = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    model = shard_model(LogprobModel(lm), cfg.parallel, info)
-    optimizer = build_optimizer(model, cfg.optim)
-    steps = total_steps(cfg, len(data.train))
-    pad_id = data.tokenizer.pad_token_id
-
-    start = 0
-    last = latest_checkpoint(ckpt_root) if cfg.run.resume else None
-    if last is not None:
-        start = load_checkpoint(last, model, optimizer)["step"]
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        origin = f"resumed from {last}" if last else "from scratch"
-        print(f"sft: {len(data.train)} rows, {steps} steps, world {info.world_size} ({info.backend}), {origin}", flush=True)
-    log = StepLog(out / "metrics.jsonl", info.is_main, start, steps)
-
-    result: dict = {}
-    for step in range(start, steps):
-        rows = step_indices(step, len(data.train), cfg.data, cfg.run.seed)
-        mine = [data.train[i] for i in rows[info.rank :: info.world_size]]  # ranks may hold different token counts
-        lr = lr_at(step, steps, cfg.optim)
-        t = time.perf_counter()
-        stats = train_step(model, optimizer, mine, cfg, lr, pad_id, info)
-        stats["tokens_per_s"] = stats["input_tokens"] / (time.perf_counter() - t)
-        record = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"], "tokens": stats["tokens"], "tokens_per_s": stats["tokens_per_s"]}
-        done = step + 1
-        if data.eval and ((cfg.data.eval_every and done % cfg.data.eval_every == 0) or done == steps):
-            record["eval_loss"] = evaluate(model, data.eval, cfg, pad_id, info)
-        if done % cfg.run.log_every == 0 or done == steps:
-            log(done, record)
-        if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == steps:
-            per_epoch = max(1, len(data.train) // cfg.data.batch_size)
-            state = {"data_cursor": {"epoch": done // per_epoch, "batch_in_epoch": done % per_epoch, "rows": len(data.train)}}
-            save_checkpoint(ckpt_root, done, model, optimizer, state, to_dict(cfg), cfg.run.keep_last or cfg.checkpoint.keep_last)
-        if os.environ.get(CRASH_ENV) == str(done):
-            os._exit(3)  # a hard crash: no cleanup, no final save
-        result = record
-
-    export_dtype = DTYPES[cfg.checkpoint.export_dtype or cfg.model.dtype]
-    export_hf(model, out / "hf", data.tokenizer, dtype=export_dtype)
-    return result
+    """SFT of `cfg` on prepared `data` (see SFTTrainer); the last step's record."""
+    return SFTTrainer(cfg, data).train()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print("config sections and defaults:", json.dumps(to_dict(SFTConfig(model=ModelConfig(path="PATH"), data=DataConfig(train_file="FILE"))), indent=2))
+        defaults = SFTConfig(model=ModelConfig(path="PATH"), data=DataConfig(train_file="FILE"))
+        print("config sections and defaults:", json.dumps(to_dict(defaults), indent=2))
         return 0
     from minigrpo.cli import run_command
 
     def body() -> None:
-        cfg = load_config(SFTConfig, *split_cli(argv), defaults=DEFAULTS)
+        cfg = load_config(SFTConfig, *split_cli(argv))
         train(cfg, prepare(cfg))  # prepare() checks every input before anything is written
 
     return run_command(body)

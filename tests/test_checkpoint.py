@@ -104,7 +104,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_pa
             "--optim.lr=3e-3", "--optim.schedule=cosine", "--optim.warmup_ratio=0.2", "--optim.weight_decay=0.1", "--data.eval_every=2"]  # fmt: skip
     full, killed = tmp_path / "full", tmp_path / "killed"
     run([*args, f"--run.output_dir={full}"])
-    crashed = run([*args, f"--run.output_dir={killed}"], env={"MINIGRPO_CRASH_AFTER_STEP": "3"}, check=False)
+    crashed = run(["tests/dist/crash_after.py", "3", *args, f"--run.output_dir={killed}"], check=False)
     assert crashed.returncode == 3
     assert [m["step"] for m in _metrics(killed)] == [1, 2, 3]
     assert latest_checkpoint(killed / "checkpoints").name == "step_000002"  # step 3 was lost with the crash
