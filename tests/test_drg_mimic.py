@@ -351,6 +351,14 @@ def test_bad_file_is_one_error_line_and_exit_2(case, tmp_path):
     assert not (tmp_path / "fresh").exists()
 
 
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    drg_path, note_path = write_fixture(tmp_path)
+    (tmp_path / "out").write_text("keep me")
+    with pytest.raises(DataError, match="output folder is a file"):
+        prepare(drg_path, note_path, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "keep me"
+
+
 def test_truncated_gzip_names_the_line_reached(tmp_path):
     drg, notes, _ = bad_file("truncated_gz", tmp_path)
     with pytest.raises(DataError, match=r"discharge\.csv\.gz:\d+: the gzip data is damaged or cut short"):
