@@ -40,7 +40,7 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
-_state = {"deferring": 0, "pending": None, "received": 0, "last": None}
+_state: dict = {"deferring": 0, "pending": None, "received": 0, "last": None, "timer": None}
 _reason: dict[int, str] = {}  # signum -> why it was sent, when we sent it ourselves
 
 
@@ -59,6 +59,7 @@ def _raise(signum: int) -> None:
     timer = threading.Timer(GRACE_S, os._exit, (128 + signum,))  # in case the unwinding gets stuck
     timer.daemon = True
     timer.start()
+    _state["timer"] = timer
     raise Interrupted(signum, _reason.get(signum, ""))
 
 
@@ -74,7 +75,7 @@ def handle_signals() -> dict:
             continue
         previous[signum] = current
         signal.signal(signum, _handler)
-    _state.update(deferring=0, pending=None, received=0, last=None)
+    _state.update(deferring=0, pending=None, received=0, last=None, timer=None)
     return previous
 
 
@@ -84,6 +85,11 @@ def received_signal() -> int | None:
 
 
 def restore(previous: dict) -> None:
+    """Put back the handlers `handle_signals` replaced (and call off a pending forced exit: the run has
+    unwound)."""
+    if _state["timer"] is not None:
+        _state["timer"].cancel()
+    _state.update(deferring=0, pending=None, received=0, last=None, timer=None)
     for signum, handler in previous.items():
         signal.signal(signum, handler)
 
@@ -118,7 +124,7 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        _reason[signal.SIGTERM] = f"stopped: the torchrun launcher (pid {parent}) died"
+        _reason[signal.SIGTERM] = f"stopped (the torchrun launcher, pid {parent}, died)"
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="minigrpo-parent-watchdog", daemon=True).start()

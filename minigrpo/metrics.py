@@ -6,7 +6,6 @@ same rows when `run.report_to` asks for them; RunConfig has already checked that
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from minigrpo import metrics  # noqa: E402
+from minigrpo import metrics
 
 crash_step, target, *rest = sys.argv[1:]
 logged = metrics.MetricsLogger.log
