@@ -178,19 +178,24 @@ def test_empty_cases_file_is_named_empty(tmp_path, tiny_model_dir, capsys):
 
 
 def test_sft_refusing_an_existing_run_leaves_it_byte_identical(tmp_path, cases_file, tiny_model_dir):
-    """A fresh SFT run into a folder with checkpoints is refused before anything there is written."""
+    """A run refused by the output folder's checks (fresh run over a run, resume on other cases) writes nothing."""
     from recipes.drg import sft
 
-    out = tmp_path / "sft"
-    base = [f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", "--cases.knowledge=false",
-            "--run.steps=1", "--data.batch_size=2", "--data.max_seq_len=2048", "--cases.max_cases=2"]
-    assert sft.main(base + [f"--cases.train_file={cases_file}"]) == 0
+    out, cases = tmp_path / "sft", tmp_path / "cases.jsonl"
+    lines = cases_file.read_text().splitlines(keepends=True)
+    cases.write_text("".join(lines))
+    base = [f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", f"--cases.train_file={cases}",
+            "--cases.knowledge=false", "--run.steps=1", "--data.batch_size=2", "--data.max_seq_len=2048"]
+    assert sft.main([*base, "--cases.max_cases=2"]) == 0
     assert (out / "checkpoints").is_dir() and (out / sft.ROWS_FILE).is_file()
     before = folder_hash(out)
-    other = tmp_path / "two.jsonl"
-    other.write_text("".join(cases_file.read_text().splitlines(keepends=True)[:2]))
-    r = run_entry("sft.py", *base, f"--cases.train_file={other}")
+    r = run_entry("sft.py", *base, "--cases.max_cases=1")
     assert r.returncode == 2 and "checkpoints" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert folder_hash(out) == before
+    # a resume on cases that changed is refused too: the run's sft_rows.jsonl is not replaced by the new rows
+    cases.write_text("".join(lines[2:4]))
+    r = run_entry("sft.py", *base, "--cases.max_cases=2", "--resume")
+    assert r.returncode == 2 and "data differs" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert folder_hash(out) == before
 
 

@@ -10,16 +10,15 @@ into minigrpo.sft rows and runs minigrpo's SFT loop on them:
     case      -> prompt = [system, user] messages of prompts.build_messages(problem), completion = cot
     knowledge -> prompt = [user] message with the corpus prompt, completion = the list of v34 titles
 
-Nothing is written before every check has passed: minigrpo.sft checks the rows (and the model, the
-tokenizer and the output folder) from a private temporary copy; only then does rank 0 write them,
-atomically, to OUTPUT_DIR/sft_rows.jsonl, the file the run's config names. A prebuilt
-prompt/completion file can be given instead as --data.train_file.
+Nothing is written before every check has passed: minigrpo.sft checks the rows in memory, the
+tokenizer and the output folder (a fresh run, or a resume of the same config and data); only then
+does rank 0 write the rows, atomically, to OUTPUT_DIR/sft_rows.jsonl, the file the run's config
+names. A prebuilt prompt/completion file can be given instead as --data.train_file.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -30,7 +29,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 from minigrpo import sft
 from minigrpo.cli import run_command
 from minigrpo.config import check, load_config, section, split_cli
-from minigrpo.dist import barrier, init_distributed
+from minigrpo.dist import barrier
 from minigrpo.help import print_help, wants_help
 from minigrpo.io import DataError, write_jsonl_atomic
 from minigrpo.model import check_model_dir
@@ -111,20 +110,14 @@ def build_rows(cfg: CasesConfig) -> list[dict]:
 
 
 def prepare_rows(cfg: SFTConfig, rows: list[dict]) -> sft.Prepared:
-    """minigrpo.sft's checks and tokenization of `rows` under `cfg`, read from a private temporary copy.
-
-    An error about a row names the case it came from, not the temporary file.
-    """
-    with tempfile.TemporaryDirectory(prefix="drg-sft-") as tmp:
-        staged = str(Path(tmp) / ROWS_FILE)
-        write_jsonl_atomic(staged, rows)
-        try:
-            return sft.prepare(replace(cfg, data=replace(cfg.data, train_file=staged)))
-        except ValueError as e:
-            line, _, rest = str(e).removeprefix(f"{staged}:").partition(":")
-            if not (str(e).startswith(f"{staged}:") and line.isdigit()):
-                raise
-            raise DataError(f"{rows[int(line) - 1]['source']}:{rest}") from None
+    """minigrpo.sft's checks and tokenization of `rows` under `cfg`; an error names the row's case."""
+    try:
+        return sft.prepare(cfg, rows)
+    except DataError as e:
+        head, _, rest = str(e).partition(": ")
+        if not (head.startswith("row ") and head[4:].isdigit()):
+            raise
+        raise DataError(f"{rows[int(head[4:]) - 1]['source']}: {rest}") from None
 
 
 def run(cfg: DrgSFTConfig) -> dict:
@@ -140,11 +133,11 @@ def run(cfg: DrgSFTConfig) -> dict:
     if not cfg.cases.train_file:
         return sft.train(sft_cfg, sft.prepare(sft_cfg))
     rows = build_rows(cfg.cases)  # every rank checks the same input
-    prepared = prepare_rows(sft_cfg, rows)
-    if init_distributed().is_main:
-        write_jsonl_atomic(sft_cfg.data.train_file, rows)
+    trainer = sft.SFTTrainer(sft_cfg, prepare_rows(sft_cfg, rows))  # checks the run folder; writes nothing
+    if trainer.dist.is_main:
+        write_jsonl_atomic(sft_cfg.data.train_file, rows)  # the file the run's config.json names
     barrier()
-    return sft.train(sft_cfg, prepared)
+    return trainer.train()
 
 
 def main(argv: list[str] | None = None) -> int:
