@@ -122,12 +122,26 @@ class LossConfig:
     beta: float = 0.04
     beta_schedule: str = "constant"  # grpo.BETA_SCHEDULES
     max_log_ratio: float = 20.0
+    # Sampler-mismatch correction: token t's surrogate weighted by w(rho), rho = pi_old / pi_sampler.
+    sampler_correction: str = "none"  # "none" or a key of grpo.SAMPLER_CORRECTIONS (tis, mis, decoupled)
+    correction_level: str = "token"  # grpo.CORRECTION_LEVELS: token, or sequence (rho = product over a completion)
+    correction_low: float = 0.0  # mis: lower end of the kept band (IcePop: 0.5)
+    correction_high: float = 2.0  # tis: the truncation C (verl: 2); mis: band's upper end (IcePop: 5); decoupled: cap
 
     def __post_init__(self) -> None:
         for key, registry in (("advantage", grpo.ADVANTAGES), ("aggregation", grpo.AGGREGATIONS),
-                              ("kl", grpo.KL_ESTIMATORS), ("beta_schedule", grpo.BETA_SCHEDULES)):
+                              ("kl", grpo.KL_ESTIMATORS), ("beta_schedule", grpo.BETA_SCHEDULES),
+                              ("correction_level", grpo.CORRECTION_LEVELS)):
             value = getattr(self, key)
             check(value in registry, f"loss.{key}", f"must be one of {list(registry)}, got {value!r}")
+        corrections = ["none", *grpo.SAMPLER_CORRECTIONS]
+        check(self.sampler_correction in corrections, "loss.sampler_correction",
+              f"must be one of {corrections}, got {self.sampler_correction!r}")
+        # each band must hold rho = 1, so that a sampler equal to the trainer leaves the loss unchanged
+        check(0 <= self.correction_low <= 1, "loss.correction_low", f"must be in [0, 1], got {self.correction_low}")
+        check(self.correction_high >= 1, "loss.correction_high", f"must be >= 1, got {self.correction_high}")
+        check(self.sampler_correction != "decoupled" or self.correction_level == "token", "loss.correction_level",
+              "decoupled PPO weights each token (AReaL): use correction_level=token")
         check(self.eps_low >= 0 and self.eps_high >= 0, "loss.eps_low/eps_high", "must be >= 0")
         check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
         check(self.beta >= 0, "loss.beta", "must be >= 0")
@@ -153,6 +167,9 @@ class GRPOConfig:
     curriculum: Literal["none", "remove_easy", "remove_hard", "remove_both", "easy_to_hard"] = "none"
     curriculum_records: str = ""
     shuffle: bool = True  # each epoch's prompt order is a seeded permutation; false = the given order
+    # Each prompt computed once per group (per micro-batch) in the reference, old and training passes,
+    # the group's completions attending to it through a 4D mask (sdpa / eager attention; see rl/layout.py).
+    shared_prompt: bool = True
 
     def __post_init__(self) -> None:
         check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")

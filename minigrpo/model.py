@@ -149,9 +149,9 @@ class LogprobModel(nn.Module):
             flat_targets = flat_targets[rows]
         logp, entropy = fused_logprobs(hidden.reshape(B * T, -1)[rows], weight, flat_targets, temperature=temperature,
                                        return_entropy=return_entropy, ignore_index=IGNORE_INDEX)
+        # Fresh tensors, not views: FSDP2 warns that an in-place op on a returned view would drop its
+        # pre-backward hook; the copy is N (or B * T) floats, nothing next to the activations.
         if score_index is not None:
-            return logp, entropy
-        # Back to (B, T). Fresh tensors, not views: FSDP2 warns that an in-place op on a returned view
-        # would drop its pre-backward hook; the copy is [B, T] floats, nothing next to the activations.
+            return logp.clone(), (entropy.clone() if entropy is not None else None)
         scatter = lambda v: v.new_zeros(B * T).scatter(0, rows, v).view(B, T)  # noqa: E731
         return scatter(logp), (scatter(entropy) if entropy is not None else None)

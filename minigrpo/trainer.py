@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,13 @@ class GRPOTrainer:
         self.beta_schedule = grpo.BETA_SCHEDULES[cfg.loss.beta_schedule]
         self.kl = grpo.KL_ESTIMATORS[cfg.loss.kl]
         self.aggregation = grpo.AGGREGATIONS[cfg.loss.aggregation]
+        self.shared_prompt = cfg.grpo.shared_prompt and model.attn_implementation in ("sdpa", "eager")
+        if cfg.grpo.shared_prompt and not self.shared_prompt:
+            warnings.warn(
+                f"grpo.shared_prompt needs sdpa or eager attention (a 4D mask), not "
+                f"{model.attn_implementation}: each completion carries its own prompt",
+                stacklevel=2,
+            )
 
         # The engine is created after the process group on every rank (vLLM needs that order) and may
         # reseed the global RNG: nothing below depends on the global RNG.
@@ -152,15 +160,18 @@ class GRPOTrainer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _forward(self, model: torch.nn.Module, mb: RLMicroBatch, return_entropy: bool = False):
+        """(log-probs, entropy or None) of the micro-batch's scored tokens under `model`, (S, C)."""
         rows = mb.rows
-        return model(
+        logp, entropy = model(
             rows.input_ids,
             rows.targets,
             rows.attention_mask,
             rows.position_ids,
             temperature=self.cfg.rollout.temperature,
             return_entropy=return_entropy,
+            score_index=rows.score_index,
         )
+        return rows.scatter(logp), (rows.scatter(entropy) if entropy is not None else None)
 
     # ----------------------------------------------------------------------------- phases
 
@@ -202,7 +213,12 @@ class GRPOTrainer:
         """This rank's micro-batches on its device, and the step's global counts (one collective)."""
         rollout = self.cfg.rollout
         mbs, counts = pack_groups(
-            groups, adv, self.cfg.parallel.micro_batch_size, self.tokenizer.pad_token_id, rollout.max_new_tokens
+            groups,
+            adv,
+            self.cfg.parallel.micro_batch_size,
+            self.tokenizer.pad_token_id,
+            rollout.max_new_tokens,
+            shared_prompt=self.shared_prompt,
         )
         return [mb.to(self.dist.device) for mb in mbs], counts
 

@@ -1,0 +1,159 @@
+"""Each prompt computed once per group gives exactly the per-completion computation (float64, CPU).
+
+The shared-prompt layout (rl/layout.py) packs a group as [prompt, c_1, ..., c_G] with a 4D mask; the
+per-completion layout gives every completion its own [prompt, c_i] row. Their per-token log-probs,
+entropies, losses and parameter gradients must agree to float64 precision, for every aggregation,
+for sdpa and eager attention, with groups of different sizes and lengths, empty and one-token
+completions, one-token prompts, several groups per micro-batch and a group split over two.
+
+HF's Qwen2 computes RMSNorm and eager attention's softmax in float32 whatever the input dtype; the
+`float64_model` fixture removes those two casts, so that both layouts are compared at float64
+precision (with them, the layouts still agree, but only to float32 rounding, ~1e-7).
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minigrpo import grpo
+from minigrpo.model import LogprobModel
+from minigrpo.rl.groups import Group
+from minigrpo.rl.layout import per_completion_rows, shared_prompt_rows
+from minigrpo.rl.micro_batches import pack_groups
+from minigrpo.rl.prompts import Prompt
+from minigrpo.rollout import Completion
+
+PAD = 0
+
+
+def _groups(vocab: int, seed: int = 0) -> list[Group]:
+    """Prompts of 1, 5 and 9 tokens; completions of length 0, 1 and up to 7; group sizes 3, 4, 2."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    spec = [(1, [0, 1, 4]), (5, [7, 2, 1, 3]), (9, [5, 0])]
+    groups = []
+    for i, (p, lengths) in enumerate(spec):
+        prompt = ids(p)
+        completions = [Completion(prompt, ids(n), [-0.5] * n, "stop", 0) for n in lengths]
+        rewards = [float(k % 2) for k in range(len(lengths))]
+        groups.append(Group(Prompt(f"p{i}", prompt), completions, [""] * len(lengths), rewards, {}, 1.0))
+    return groups
+
+
+@pytest.fixture
+def float64_model(monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def rms_norm(self, hidden):  # Qwen2RMSNorm.forward without the float32 round trip
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+    softmax = torch.nn.functional.softmax
+
+    def softmax_keeping_float64(x, dim=None, dtype=None, **kw):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw)
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax_keeping_float64)
+
+
+def _model(tiny_model_dir, attn):
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation=attn)
+    with torch.no_grad():  # non-trivial weights: every position should matter
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return LogprobModel(lm)
+
+
+def _scores(model, mb, temperature=0.9):
+    rows = mb.rows
+    logp, entropy = model(rows.input_ids, rows.targets, rows.attention_mask, rows.position_ids,
+                          temperature=temperature, return_entropy=True, score_index=rows.score_index)
+    return rows.scatter(logp), rows.scatter(entropy)
+
+
+def _step(model, groups, micro_batch_size, shared, aggregation):
+    """Loss, per-token log-probs and entropies (completion space, concatenated), and gradients."""
+    model.zero_grad(set_to_none=True)
+    adv = torch.tensor([[0.3, -1.2, 0.9, 0.4], [1.1, -0.7, 0.2, -0.6], [0.8, -0.8, 0.0, 0.0]], dtype=torch.float64)
+    mbs, counts = pack_groups(groups, adv, micro_batch_size, PAD, max_completion_tokens=7, shared_prompt=shared)
+    aggregate = grpo.AGGREGATIONS[aggregation](counts)
+    total, logps, entropies = 0.0, [], []
+    for mb in mbs:
+        logp, entropy = _scores(model, mb)
+        mask = mb.mask.double()
+        ref = logp.detach() - 0.1 * mask
+        loss = grpo.grpo_loss(logp, logp.detach() + 0.05 * mask, mb.adv.double(), mask, aggregate,
+                              ref_logp=ref, beta=0.04, eps_low=0.2, eps_high=0.28)
+        loss.backward()
+        total += loss.item()
+        logps.append(logp[mask.bool()])
+        entropies.append(entropy[mask.bool()])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, torch.cat(logps).detach(), torch.cat(entropies).detach(), grads
+
+
+def _ragged_groups(tiny_model_dir):
+    from transformers import AutoConfig
+
+    return _groups(AutoConfig.from_pretrained(tiny_model_dir).vocab_size)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("aggregation", list(grpo.AGGREGATIONS))
+@pytest.mark.parametrize("micro_batch_size", [2, 4, 16])  # 2 and 4 split groups; 16: all groups in one
+def test_shared_prompt_equals_per_completion(tiny_model_dir, float64_model, attn, aggregation, micro_batch_size):
+    model = _model(tiny_model_dir, attn)
+    groups = _ragged_groups(tiny_model_dir)
+    shared = _step(model, groups, micro_batch_size, True, aggregation)
+    alone = _step(model, groups, micro_batch_size, False, aggregation)
+    assert shared[0] == pytest.approx(alone[0], rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(shared[1], alone[1], rtol=1e-12, atol=1e-12)  # log-probs
+    torch.testing.assert_close(shared[2], alone[2], rtol=1e-12, atol=1e-12)  # entropies
+    assert shared[3].keys() == alone[3].keys() and len(shared[3]) > 0
+    for name, grad in alone[3].items():
+        torch.testing.assert_close(shared[3][name], grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_shared_layout_computes_each_prompt_once_per_micro_batch():
+    groups = [([5, 6, 7], [[1, 2], [3], []]), ([8], [[4, 4, 4]])]
+    rows = shared_prompt_rows(groups, PAD)
+    alone = per_completion_rows([(p, c) for p, cs in groups for c in cs], PAD)
+    assert rows.input_ids.shape[0] == 2 and rows.input_tokens == 3 + 3 + 1 + 3  # prompts once
+    assert alone.input_tokens == 3 * 3 + 3 + (1 + 3)  # prompts once per completion
+    assert rows.shape == alone.shape == (4, 3)
+    assert torch.equal(rows.targets, alone.targets) and torch.equal(rows.out_index, alone.out_index)
+    # row 0: [5 6 7 | 1 2 | 3]; completion tokens continue the prompt's positions
+    assert rows.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]
+    # token "3" (index 5) sees the prompt and itself, not the other completion
+    assert rows.attention_mask[0, 0, 5].tolist() == [True, True, True, False, False, True]
+    # the first token of every completion is scored from the prompt's last position (index 2)
+    assert rows.score_index[:2].tolist() == [2, 3] and rows.score_index[2].item() == 2
+
+
+def test_lm_head_runs_only_on_scored_rows(tiny_model_dir, float64_model, monkeypatch):
+    import minigrpo.model as model_module
+
+    seen = []
+    real = model_module.fused_logprobs
+
+    def spy(hidden, weight, targets, **kw):
+        seen.append(hidden.shape[0])
+        return real(hidden, weight, targets, **kw)
+
+    monkeypatch.setattr(model_module, "fused_logprobs", spy)
+    model = _model(tiny_model_dir, "sdpa")
+    groups = _ragged_groups(tiny_model_dir)
+    mbs, _ = pack_groups(groups, torch.zeros(3, 4, dtype=torch.float64), 16, PAD, 7)
+    logp, _ = _scores(model, mbs[0])
+    scored = sum(len(c.token_ids) for g in groups for c in g.completions)
+    assert seen == [scored]  # not the prompt, padding or unscored rows
+    # and it matches the head over every row (full logits, float64)
+    rows = mbs[0].rows
+    with torch.no_grad():
+        hidden = model.lm.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
+                                position_ids=rows.position_ids).last_hidden_state
+        logits = model.lm.lm_head(hidden).reshape(-1, model.lm.config.vocab_size) / 0.9
+        full = torch.log_softmax(logits, -1)[rows.score_index].gather(1, rows.targets[:, None])[:, 0]
+    torch.testing.assert_close(logp[mbs[0].mask.bool()].detach(), full, rtol=1e-12, atol=1e-12)
