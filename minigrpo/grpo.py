@@ -19,10 +19,15 @@ tokens; `adv` is the advantage.
                         Dr. GRPO:        N = constant, B * L_max
                         DRG-Sapphire:    N = completion tokens of the local micro-batch
     beta schedules    constant; cosine  beta_t = beta * (1 + cos(pi t / T)) / 2   constant_beta / cosine_beta
+    sampler mismatch  rho = pi_old / mu (mu: the rollout engine), token or sequence level  sampler_correction
+                      TIS  w = min(rho, C)                                     truncated_is_weights
+                      MIS / IcePop  w = rho on [low, high], else 0              masked_is_weights
+                      decoupled PPO (AReaL)  w = pi_prox / pi_behav, 0 above the cap  decoupled_is_weights
     composed          grpo_loss(...) -> loss; loss_stats(...) -> LossStats (sums, added over micro-batches)
 
 Each variant family has one registry, the only place its names live (the config validates against
-them): ADVANTAGES, KL_ESTIMATORS, BETA_SCHEDULES, AGGREGATIONS (name -> normaliser factory).
+them): ADVANTAGES, KL_ESTIMATORS, BETA_SCHEDULES, AGGREGATIONS (name -> normaliser factory),
+SAMPLER_CORRECTIONS and CORRECTION_LEVELS.
 
 The loss aggregations are written so that summing `grpo_loss` over any split of the step's
 completions into micro-batches (and ranks) gives the loss of the whole step, provided the caller
@@ -235,6 +240,125 @@ def cosine_beta(beta: float, step: int, total_steps: int) -> float:
 
 BETA_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {"constant": constant_beta, "cosine": cosine_beta}
 
+# ----------------------------------------------------------------------------- sampler-mismatch correction
+# The engine that sampled a completion (mu: vLLM in bf16, or a server whose weights are k versions old)
+# is not the policy the trainer scores it with (pi_old: the trainer's weights before this update, the
+# "proximal" policy). A correction weights token t's surrogate by a detached w_t, a function of
+#     rho_t = pi_old(o_t) / mu(o_t)                              token level
+#     rho_i = prod_t rho_t, broadcast over the tokens of o_i     sequence level
+# and the loss becomes aggregate(w_t l_t + beta k_t): the KL term is not weighted. Each has the
+# decoupled-PPO form E_mu[w_t min(u_t A_t, clip(u_t) A_t)] with u_t = pi_theta / pi_old (Hilton et al.
+# 2021; Fu et al. 2025): the surrogate's ratio is against the trainer's own pi_old, never against mu.
+# With mu == pi_old every rho is exactly 1 and so is every w (each band contains 1).
+# A masked token contributes 0 and keeps its place in the normaliser (as in IcePop and AReaL), so the
+# normaliser stays the step-global count and micro-batch losses still add up to the step's loss.
+
+SAMPLER_RATIO_BAND = (0.9, 1.1)  # tokens with rho_t outside it are counted (a sampler-health metric)
+
+
+def token_log_ratio(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """log rho_t = log pi_old(o_t) - log mu(o_t) on real tokens, 0 on padding (detached)."""
+    diff = (old_logp - sampler_logp).detach()  # (B, T)
+    return torch.where(mask.bool(), diff, torch.zeros_like(diff))
+
+
+def sequence_log_ratio(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """log rho_i = sum_t log rho_t over completion i, broadcast to its tokens (0 on padding).
+
+    The sequence-level ratio of Yao et al. 2025 ("seq-TIS") and Liu, Li et al. 2025 ("seq-MIS").
+    """
+    per_seq = token_log_ratio(old_logp, sampler_logp, mask).sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(mask.bool(), per_seq, torch.zeros_like(per_seq))  # (B, T)
+
+
+CORRECTION_LEVELS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "token": token_log_ratio,
+    "sequence": sequence_log_ratio,
+}
+
+
+def truncated_is_weights(ratio: Tensor, low: float, high: float) -> Tensor:
+    """TIS: w = min(rho, C), C = high; `low` is unused.
+
+    Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training" (truncated
+    importance sampling of the policy-gradient term by pi_trainer / pi_sampler; C = 2 in verl's TIS).
+    """
+    return torch.clamp(ratio, max=high)
+
+
+def masked_is_weights(ratio: Tensor, low: float, high: float) -> Tensor:
+    """MIS / IcePop: w = rho where low <= rho <= high, else 0 (the token or sequence is dropped).
+
+    Ling team 2025, "Small Leak Can Sink a Great Ship: Boost RL Training on MoE with IcePop" (token level,
+    M(k) = k on [alpha, beta], alpha = 0.5, beta = 5); at the sequence level Seq-MIS of Liu, Li et al. 2025,
+    "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference Mismatch".
+    """
+    return torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio))
+
+
+def decoupled_is_weights(ratio: Tensor, low: float, high: float) -> Tensor:
+    """Decoupled PPO's behaviour weight: w = pi_prox / pi_behav, 0 where it exceeds the cap (high); `low` unused.
+
+    Fu et al. 2025, "AReaL: A Large-Scale Asynchronous Reinforcement Learning System for Language
+    Reasoning", the decoupled objective (proximal policy = the trainer's weights before the update,
+    behaviour policy = the sampler, possibly versions behind); tokens above `behav_imp_weight_cap` are
+    filtered out. Hilton et al. 2021, "Batch size-invariance for policy optimization", for the decoupling.
+    """
+    return masked_is_weights(ratio, 0.0, high)
+
+
+# "none" (the config's default) is no entry here: w = 1, the estimator that ignores the mismatch.
+SAMPLER_CORRECTIONS: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "tis": truncated_is_weights,
+    "mis": masked_is_weights,
+    "decoupled": decoupled_is_weights,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerCorrection:
+    """A sampler correction evaluated on one micro-batch; every tensor (B, T), detached, 0 on padding."""
+
+    weights: Tensor  # w_t, for grpo_loss(weights=...); 1 on real tokens without a correction
+    ratio: Tensor  # rho at the correction's level, before truncation or masking
+    token_ratio: Tensor  # rho_t at the token level, whatever the correction's level (the sampler gap)
+    truncated: Tensor  # bool: a real token whose weight was capped (0 < w != rho)
+    masked: Tensor  # bool: a real token dropped (w = 0)
+
+
+def sampler_correction(
+    old_logp: Tensor,  # (B, T) pi_old: the trainer's weights before this update
+    sampler_logp: Tensor,  # (B, T) mu: the rollout engine's log-probs of the sampled tokens
+    mask: Tensor,  # (B, T) 1 on completion tokens
+    weigh: Callable[[Tensor, float, float], Tensor] | None = None,  # e.g. SAMPLER_CORRECTIONS["tis"]; None: w = 1
+    level: Callable[[Tensor, Tensor, Tensor], Tensor] = token_log_ratio,  # e.g. CORRECTION_LEVELS["sequence"]
+    *,
+    low: float = 0.0,
+    high: float = 2.0,
+    max_log_ratio: float = 20.0,
+) -> SamplerCorrection:
+    """w = weigh(exp(clamp(log rho, -c, c)), low, high) with log rho from `level`; w = 0 on padding.
+
+    The clamp only guards exp(): a sequence ratio of e^20 is far outside every band and cap. Without
+    `weigh` the weights are 1 and only the ratios are of use (the sampler-gap diagnostics).
+    """
+    real = mask.bool()
+    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    token_ratio = torch.where(real, torch.exp(torch.clamp(token_log_ratio(old_logp, sampler_logp, mask),
+                                                          -max_log_ratio, max_log_ratio)), zero)  # (B, T)
+    if level is token_log_ratio:
+        ratio = token_ratio
+    else:
+        log_ratio = torch.clamp(level(old_logp, sampler_logp, mask), -max_log_ratio, max_log_ratio)
+        ratio = torch.where(real, torch.exp(log_ratio), zero)  # (B, T)
+    if weigh is None:
+        weights = real.to(old_logp.dtype)  # (B, T)
+        return SamplerCorrection(weights, ratio, token_ratio, torch.zeros_like(real), torch.zeros_like(real))
+    weights = torch.where(real, weigh(ratio, low, high), zero).detach()  # (B, T)
+    masked = real & (weights == 0)
+    return SamplerCorrection(weights, ratio, token_ratio, real & ~masked & (weights != ratio), masked)
+
+
 # ----------------------------------------------------------------------------- the composed loss
 
 
@@ -252,11 +376,18 @@ def grpo_loss(
     beta: float = 0.0,
     kl: Callable[[Tensor, Tensor], Tensor] = kl_k3,
     max_log_ratio: float = 20.0,
+    weights: Tensor | None = None,  # (B, T) sampler correction w_t (SamplerCorrection.weights); None = 1
 ) -> Tensor:
-    """loss = aggregate(l_t + beta * k(logp_t, ref_logp_t)), with l_t the clipped surrogate."""
+    """loss = aggregate(w_t l_t + beta * k(logp_t, ref_logp_t)), with l_t the clipped surrogate.
+
+    w_t (detached: no gradient flows through it) weights the policy-gradient term only; see
+    `sampler_correction`. Without `weights` the loss is the uncorrected one.
+    """
     mask = mask.to(logp.dtype)
     ratio = importance_ratio(logp, old_logp, max_log_ratio)  # (B, T)
     per_token, _ = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
+    if weights is not None:
+        per_token = weights.detach().to(per_token.dtype) * per_token
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")
@@ -278,11 +409,23 @@ class LossStats:
     clip_high_count: Tensor
     clip_dual_count: Tensor
     kl_sum: Tensor  # 0 without a reference
+    # the sampler correction (all 0, and +-inf for min / max, when none is given)
+    is_ratio_sum: Tensor  # rho at the correction's level, before truncation or masking
+    is_ratio_min: Tensor
+    is_ratio_max: Tensor
+    is_weight_sum: Tensor  # w
+    is_truncated_count: Tensor  # tokens whose weight was capped (0 < w != rho)
+    is_masked_count: Tensor  # tokens dropped (w = 0)
+    sampler_outside_count: Tensor  # tokens with rho_t outside SAMPLER_RATIO_BAND, at the token level
 
     def __add__(self, other: LossStats) -> LossStats:
-        merged = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
-        merged["ratio_min"] = torch.minimum(self.ratio_min, other.ratio_min)
-        merged["ratio_max"] = torch.maximum(self.ratio_max, other.ratio_max)
+        merged = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name.endswith("_min"):
+                merged[f.name] = torch.minimum(a, b)
+            else:
+                merged[f.name] = torch.maximum(a, b) if f.name.endswith("_max") else a + b
         return LossStats(**merged)
 
 
@@ -299,9 +442,11 @@ def loss_stats(
     ref_logp: Tensor | None = None,
     kl: Callable[[Tensor, Tensor], Tensor] = kl_k3,
     max_log_ratio: float = 20.0,
+    correction: SamplerCorrection | None = None,  # as passed to grpo_loss(weights=correction.weights)
 ) -> LossStats:
     """What `grpo_loss` did on the masked tokens: ratio sum / min / max, tokens in each clipped region
-    (the regions of `clipped_surrogate`), and the summed KL estimate when a reference is given.
+    (the regions of `clipped_surrogate`), the summed KL estimate when a reference is given, and the
+    sampler correction's ratio sum / min / max, weight sum and truncated / masked / out-of-band counts.
     Sums are float64, so adding many micro-batches loses nothing."""
     real = mask.bool()
     ratio = importance_ratio(logp, old_logp, max_log_ratio)  # (B, T)
@@ -317,7 +462,29 @@ def loss_stats(
         clip_high_count=count(regions["clip_high"]),
         clip_dual_count=count(regions["clip_dual"]) if "clip_dual" in regions else zero,
         kl_sum=(kl(logp, ref_logp) * mask).sum().double() if ref_logp is not None else zero,
+        **_correction_stats(correction, real),
     )
+
+
+def _correction_stats(correction: SamplerCorrection | None, real: Tensor) -> dict[str, Tensor]:
+    """The sampler-correction fields of LossStats over the real tokens (0 and +-inf without a correction)."""
+    zero = torch.zeros((), dtype=torch.float64, device=real.device)
+    if correction is None:
+        inf = torch.full((), torch.inf, dtype=torch.float64, device=real.device)
+        names = ("is_ratio_sum", "is_weight_sum", "is_truncated_count", "is_masked_count", "sampler_outside_count")
+        return {"is_ratio_min": inf, "is_ratio_max": -inf, **dict.fromkeys(names, zero)}
+    rho, token = correction.ratio, correction.token_ratio
+    low, high = SAMPLER_RATIO_BAND
+    count = lambda region: (region & real).sum().double()  # noqa: E731
+    return {
+        "is_ratio_sum": torch.where(real, rho, zero).sum().double(),
+        "is_ratio_min": torch.where(real, rho, torch.inf).min().double(),
+        "is_ratio_max": torch.where(real, rho, -torch.inf).max().double(),
+        "is_weight_sum": torch.where(real, correction.weights, zero).sum().double(),
+        "is_truncated_count": count(correction.truncated),
+        "is_masked_count": count(correction.masked),
+        "sampler_outside_count": count((token < low) | (token > high)),
+    }
 
 
 def drg_sapphire_per_token_loss(logp: Tensor, adv: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
