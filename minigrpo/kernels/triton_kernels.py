@@ -1,29 +1,42 @@
-"""Triton forward/backward kernels for fused LM-head log-probs and entropy.
+"""Triton kernels for fused LM-head log-probs and entropy, and the backward built on them.
 
-Same math as chunked.py (z = h @ W^T / T, online log-sum-exp, recompute in
-backward), but each program keeps one (BLOCK_N, BLOCK_V) logits tile in registers,
-so global memory only ever holds [N] statistics and the fp32 gradient buffers;
-[N, V] is never written anywhere.
+Same math as chunked.py (z = h @ W^T / T, online log-sum-exp, logits recomputed in backward).
+Global memory never holds [N, V]: the forward keeps [N] statistics, the backward one vocabulary
+split of d_logits at a time.
 
-Forward (grid over row blocks): loop over vocab tiles, K-loop over H with tl.dot,
-keep per row  m = running max,  s = sum exp(z - m),  t = sum exp(z - m) (z - m),
-and the target logit z_y.  lse = m + log s, logp = z_y - lse, Ent = log s - t / s.
-Vocab columns >= V are set to -inf so they drop out of max/sum.
+Forward, `_fwd_kernel`: one program per (row block, vocabulary split). It loops over the split's
+columns in BLOCK_V tiles (K-loop over H with tl.dot) and keeps per row
+    m = running max,  s = sum exp(z - m),  t = sum exp(z - m) (z - m),  z_y = target logit.
+The host merges the splits' partials ([S, N] each): lse = m + log s, logp = z_y - lse,
+Ent = log s - t / s. Splits give a small batch enough programs, and with the split index varying
+fastest, the programs of one row block run side by side and share its hidden rows in L2.
 
-Backward, with dz_j = g (onehot_j - p_j) - e p_j (log p_j + Ent), all scaled by 1/T:
-  _bwd_dh_kernel  (grid over row blocks):   grad_h[rows]  += dz @ W[tile]
-  _bwd_dw_kernel  (grid over vocab blocks): grad_W[tile]  += dz^T @ h[rows]
-Each program owns its output rows, so no atomics are needed; the logits tile is
-recomputed in each kernel (10 NHV flops for fwd+bwd instead of the minimal 8 NHV,
-the price of avoiding atomics on [V, H]).
+Backward, with dz_j = g (onehot_j - p_j) - e p_j (log p_j + Ent), all scaled by 1/T. For each
+vocabulary split [v0, v1) (verl's split of d_logits along the vocabulary):
+    `_dlogits_kernel`   D = dz[:, v0:v1], recomputing z; stored in the input dtype (bf16 for bf16)
+    cuBLAS              grad_W[v0:v1]  = D^T @ h         written once (fp32 accumulation inside)
+    cuBLAS              grad_h        += D @ W[v0:v1]    into an fp32 [N, H] accumulator
+That is 8NHV FLOPs for forward + backward, the minimum without storing logits, and 4NHV of it in
+cuBLAS. Splitting the vocabulary rather than the rows is what lets grad_W skip an fp32 [V, H]
+accumulator (2.2 GB at Qwen2.5-7B); the [N, H] one for grad_h is 0.23 GB at N = 16384.
+Extra memory: D (at most SPLIT_BYTES, and at most 1/8 of the whole [N, V] d_logits), the fp32
+grad_h accumulator, and for 16-bit inputs one [4096, H] fp32 GEMM output.
 
-Only long-standing tl APIs are used (load/store/dot/max/sum/exp/log/where), meant
-for Triton 3.6 and 3.9 (checked on 3.9: interpreter numerics, sm_90 compile).
-Not yet profiled on a GPU. A likely hot spot: each backward program re-reads and
-re-writes its fp32 gradient rows once per tile of the other axis, which is memory
-traffic of order N*H*V/BLOCK_V (dh) or V*H*N/BLOCK_N (dw).
+HBM traffic at N 16384, H 3584, V 152064, bf16 (arithmetic, not measured): the grouped program
+order keeps about 8 row blocks' hidden rows and the current weight columns in L2, so the d_logits
+kernel reads W about N / (8 * BLOCK_N) times (~17 GB) and h about once per split (~1.2 GB) and
+writes D once (5 GB); the GEMMs read D twice (10 GB), h and W a few times (~5 GB), write grad_W
+(1.1 GB), and add into the fp32 accumulator once per split (~8 GB). About 47 GB against 6NHV =
+5.4e13 FLOPs: ~1100 FLOP per byte, far above an H100/H200's ~200-250, so the backward is bound by
+tensor-core throughput. (The previous per-tile read-modify-write of fp32 rows moved ~1.7 TB.)
+
+fp32 inputs use tf32x3 dots (three tf32 tensor-core products, about fp32 accuracy); the cuBLAS
+GEMMs follow torch's own fp32 matmul precision setting.
+Only long-standing tl APIs are used (load/store/dot/max/sum/exp/log/where), meant for
+Triton 3.6 and 3.9 (checked on 3.9: interpreter numerics, sm_90 compile).
 """
 
+import functools
 import os
 
 import torch
@@ -44,7 +57,7 @@ def _mm(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _to_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 tile -> tensor-core operand dtype, rounding to nearest even.
+    """fp32 tile -> 16-bit dtype, rounding to nearest even.
 
     The interpreter's fp32->bf16 cast truncates (GPUs round), which would make
     interpreter numerics worse than real ones; round the bits by hand there.
@@ -74,29 +87,36 @@ def _dot_rows(A, offs_a, mask_a, sa_r, sa_k, B, offs_b, mask_b, sb_r, sb_k, K,
     return acc
 
 
-@triton.jit
-def _fwd_kernel(H, W, TGT, LOGP, ENT, LSE, N, V, HD,
+@triton.jit(do_not_specialize=["N", "cols_per_split"])
+def _fwd_kernel(H, W, TGT, PART, N, V, HD, n_splits, cols_per_split,
                 s_hn, s_hk, s_wv, s_wk, inv_t,
                 WANT_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """PART[k, split, rows] for k = (m, s, t, z_y) over one split's columns."""
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    offs_n = (pid // n_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
+    v_lo = split * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, V)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_y = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
+        mask_v = offs_v < v_hi
         z = _dot_rows(H, offs_n, mask_n, s_hn, s_hk, W, offs_v, mask_v, s_wv, s_wk, HD,
                       BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST) * inv_t        # (BN, BV)
         z = tl.where(mask_v[None, :], z, float("-inf"))
-        z_y += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        # Masked columns may be the next split's: they must not match the target.
+        hit = (offs_v[None, :] == tgt[:, None]) & mask_v[None, :]
+        z_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))   # finite: every tile has a valid column
         alpha = tl.exp(m - m_new)
-        d = z - m_new[:, None]                     # <= 0, -inf on padded columns
-        e = tl.exp(d)                              # 0 on padded columns
+        d = z - m_new[:, None]                     # <= 0, -inf on masked columns
+        e = tl.exp(d)                              # 0 on masked columns
         d = tl.where(mask_v[None, :], d, 0.0)      # so e * d is 0, not 0 * -inf
         if WANT_ENT:
             # Rescale t to the new max: sum e^(z-m')(z-m') = alpha (t + (m-m') s).
@@ -105,189 +125,228 @@ def _fwd_kernel(H, W, TGT, LOGP, ENT, LSE, N, V, HD,
             t = alpha * (t + shift) + tl.sum(e * d, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
-    log_s = tl.log(s)
-    lse = m + log_s
-    tl.store(LSE + offs_n, lse, mask=mask_n)
-    tl.store(LOGP + offs_n, z_y - lse, mask=mask_n)
+    out = PART + split * N + offs_n
+    tl.store(out, m, mask=mask_n)
+    tl.store(out + n_splits * N, s, mask=mask_n)
     if WANT_ENT:
-        tl.store(ENT + offs_n, log_s - t / s, mask=mask_n)
+        tl.store(out + 2 * n_splits * N, t, mask=mask_n)
+    tl.store(out + 3 * n_splits * N, z_y, mask=mask_n)
 
 
-@triton.jit
-def _dz_tile(z, lse, ent, gl, ge, tgt, offs_v, mask_v, inv_t, AX: tl.constexpr,
-             HAS_ENT: tl.constexpr):
-    """dz / T for a logits tile; per-row vectors broadcast along axis AX (0 or 1)."""
-    if AX == 1:   # tile is (rows, vocab)
-        lse, ent, gl, ge, tgt = lse[:, None], ent[:, None], gl[:, None], ge[:, None], tgt[:, None]
-        offs_v, mask_v = offs_v[None, :], mask_v[None, :]
-    else:         # tile is (vocab, rows)
-        lse, ent, gl, ge, tgt = lse[None, :], ent[None, :], gl[None, :], ge[None, :], tgt[None, :]
-        offs_v, mask_v = offs_v[:, None], mask_v[:, None]
-    logp = tl.where(mask_v, z - lse, 0.0)          # padded columns: avoid -inf * 0
-    p = tl.where(mask_v, tl.exp(logp), 0.0)
+@triton.jit(do_not_specialize=["N", "v_lo", "cols"])
+def _dlogits_kernel(H, W, TGT, LSE, ENT, GL, GE, D, N, HD, v_lo, cols,
+                    s_hn, s_hk, s_wv, s_wk, s_dn, inv_t,
+                    HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """D[rows, j] = dz[rows, v_lo + j] / T for j < cols, one (BLOCK_N, BLOCK_V) tile per program."""
+    # Grouped order (the Triton matmul tutorial's): GROUP_N row blocks sweep the split's
+    # columns together, so both their hidden rows and the current weight rows hit in L2.
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(cols, BLOCK_V)
+    first = (pid // per_group) * GROUP_N
+    rows_in_group = tl.minimum(blocks_n - first, GROUP_N)
+    offs_n = (first + (pid % per_group) % rows_in_group) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = ((pid % per_group) // rows_in_group) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_j = offs_j < cols
+    offs_v = v_lo + offs_j
+    tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)[:, None]
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)[:, None]
+    gl = tl.load(GL + offs_n, mask=mask_n, other=0.0)[:, None]   # zero on padded/ignored rows
+    z = _dot_rows(H, offs_n, mask_n, s_hn, s_hk, W, offs_v, mask_j, s_wv, s_wk, HD,
+                  BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST) * inv_t            # (BN, BV)
+    logp = tl.where(mask_j[None, :], z - lse, 0.0)     # masked columns: avoid -inf * 0
+    p = tl.where(mask_j[None, :], tl.exp(logp), 0.0)
     dz = -p * gl
     if HAS_ENT:
+        ge = tl.load(GE + offs_n, mask=mask_n, other=0.0)[:, None]
+        ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)[:, None]
         dz -= p * ge * (logp + ent)
-    dz += tl.where(offs_v == tgt, gl, 0.0)
-    return dz * inv_t
+    dz += tl.where(offs_v[None, :] == tgt, gl, 0.0)
+    dz = _to_operand(dz * inv_t, D.dtype.element_ty, UPCAST)
+    tl.store(D + offs_n[:, None] * s_dn + offs_j[None, :], dz,
+             mask=mask_n[:, None] & mask_j[None, :])
 
 
-@triton.jit
-def _bwd_dh_kernel(H, W, TGT, LSE, ENT, GL, GE, DH, N, V, HD,
-                   s_hn, s_hk, s_wv, s_wk, inv_t,
-                   HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
-    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-    gl = tl.load(GL + offs_n, mask=mask_n, other=0.0)   # zero on padded/ignored rows
-    ge = tl.load(GE + offs_n, mask=mask_n, other=0.0)
-    ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        z = _dot_rows(H, offs_n, mask_n, s_hn, s_hk, W, offs_v, mask_v, s_wv, s_wk, HD,
-                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST) * inv_t        # (BN, BV)
-        dz = _dz_tile(z, lse, ent, gl, ge, tgt, offs_v, mask_v, inv_t, 1, HAS_ENT)
-        dz = _to_operand(dz, W.dtype.element_ty, UPCAST)   # tensor-core input; acc stays fp32
-        for k0 in range(0, HD, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            mask_k = offs_k < HD
-            w = tl.load(W + offs_v[:, None] * s_wv + offs_k[None, :] * s_wk,
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)  # (BV, BH)
-            ptrs = DH + offs_n[:, None] * HD + offs_k[None, :]
-            msk = mask_n[:, None] & mask_k[None, :]
-            acc = tl.load(ptrs, mask=msk, other=0.0)
-            acc = _mm(dz, w, acc, PRECISION, UPCAST)           # (BN, BH)
-            tl.store(ptrs, acc, mask=msk)
-
-
-@triton.jit
-def _bwd_dw_kernel(H, W, TGT, LSE, ENT, GL, GE, DW, N, V, HD,
-                   s_hn, s_hk, s_wv, s_wk, inv_t,
-                   HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < V
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        tgt = tl.load(TGT + offs_n, mask=mask_n, other=-1)
-        lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-        gl = tl.load(GL + offs_n, mask=mask_n, other=0.0)
-        ge = tl.load(GE + offs_n, mask=mask_n, other=0.0)
-        ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)
-        # Transposed logits tile W[tile] @ h^T, so dz^T comes out without tl.trans.
-        zt = _dot_rows(W, offs_v, mask_v, s_wv, s_wk, H, offs_n, mask_n, s_hn, s_hk, HD,
-                       BLOCK_V, BLOCK_N, BLOCK_H, PRECISION, UPCAST) * inv_t       # (BV, BN)
-        dzt = _dz_tile(zt, lse, ent, gl, ge, tgt, offs_v, mask_v, inv_t, 0, HAS_ENT)
-        dzt = _to_operand(dzt, H.dtype.element_ty, UPCAST)
-        for k0 in range(0, HD, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            mask_k = offs_k < HD
-            h = tl.load(H + offs_n[:, None] * s_hn + offs_k[None, :] * s_hk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BN, BH)
-            ptrs = DW + offs_v[:, None] * HD + offs_k[None, :]
-            msk = mask_v[:, None] & mask_k[None, :]
-            acc = tl.load(ptrs, mask=msk, other=0.0)
-            acc = _mm(dzt, h, acc, PRECISION, UPCAST)          # (BV, BH)
-            tl.store(ptrs, acc, mask=msk)
-
-
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). The interpreter runs every program in
-# Python, so tiny blocks keep it fast; on GPU, 64x128 tiles feed the tensor cores.
-# fp32 operands take twice the shared memory per stage, hence the halved BLOCK_H
-# (~100 KB instead of ~200 KB with 3 pipeline stages). Untuned: no GPU was at hand.
-GPU_BLOCKS = (64, 128, 64, 8)
-GPU_BLOCKS_FP32 = (64, 128, 32, 8)
-INTERP_BLOCKS = (16, 32, 16, 1)
+# Launch configs (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages), autotuned on the first call
+# per (H, entropy flag, dtypes). Not yet timed on a GPU; all compile for sm_90 to wgmma with
+# cp.async pipelining, and within 255 registers without spills except the 128 x 256 tiles with
+# entropy (~0.5 KB of spills; the autotuner decides). fp32 operands take twice the shared
+# memory per stage, hence the halved BLOCK_H. The interpreter runs every program in Python, so
+# tiny blocks keep it fast there.
+FWD_CONFIGS = {2: ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)),
+               4: ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3))}
+DLOGITS_CONFIGS = {2: ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)),
+                   4: ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3))}
+INTERP_BLOCKS = (16, 32, 16)
+GROUP_N = 8
+SPLIT_BYTES = 512 * 2**20    # the backward's d_logits buffer, at most
+ROWS_PER_GEMM = 4096         # rows per fp32-output GEMM into the grad_h accumulator
+FWD_TARGET_ROWS = 128 * 1024  # forward splits so that row blocks x splits >= ~1024 programs
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(t: torch.Tensor):
-    if _interpreted() or not t.is_cuda:
-        return INTERP_BLOCKS
-    return GPU_BLOCKS_FP32 if t.dtype == torch.float32 else GPU_BLOCKS
-
-
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dot (tf32 would cost ~1e-3 relative logit error).
-    # fp16/bf16 ignore the setting (exact products, fp32 accumulation).
-    return "ieee"
+    # fp32: tf32x3 runs on tensor cores at about fp32 accuracy; "ieee" would lower to FMA
+    # units (~1/15 of the rate). fp16/bf16 ignore the setting (exact products, fp32 accumulation).
+    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
-def _launch_args(hidden, weight):
-    return (hidden.shape[0], weight.shape[0], hidden.shape[1],
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str, width: int):
+    kernel, table, flag = {"fwd": (_fwd_kernel, FWD_CONFIGS, "WANT_ENT"),
+                           "dlogits": (_dlogits_kernel, DLOGITS_CONFIGS, "HAS_ENT")}[name]
+    configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=nw, num_stages=ns)
+               for bn, bv, bh, nw, ns in table[width]]
+    return triton.autotune(configs, key=["HD", flag])(kernel)   # the key adds the tensors' dtypes
+
+
+def _launch(name, kernel, grid, args, consts, dtype):
+    """kernel[grid(BLOCK_N, BLOCK_V)](*args): fixed tiny blocks in the interpreter, else autotuned."""
+    if _interpreted():
+        bn, bv, bh = INTERP_BLOCKS
+        kernel[grid(bn, bv)](*args, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, **consts, num_warps=1)
+    else:
+        width = 4 if dtype == torch.float32 else 2
+        _tuned(name, width)[lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **consts)
+
+
+def forward_split_cols(n_rows: int, vocab: int) -> int:
+    """Vocabulary columns per forward program: enough programs for small batches, whole tiles."""
+    granule, min_cols = (INTERP_BLOCKS[1], 64) if _interpreted() else (256, 2048)
+    want = max(8, triton.cdiv(FWD_TARGET_ROWS, max(n_rows, 1)))
+    n_splits = max(1, min(want, triton.cdiv(vocab, min_cols)))
+    return triton.cdiv(triton.cdiv(vocab, n_splits), granule) * granule
+
+
+def backward_split_cols(n_rows: int, vocab: int, elt: int) -> int:
+    """Vocabulary columns per backward split: D = [N, cols] within SPLIT_BYTES and 1/8 of [N, V]."""
+    granule = INTERP_BLOCKS[1] if _interpreted() else 256
+    cap = min(SPLIT_BYTES, n_rows * vocab * elt // 8)
+    cols = max(granule, cap // max(1, n_rows * elt) // granule * granule)
+    n_splits = triton.cdiv(vocab, cols)
+    return min(vocab, triton.cdiv(triton.cdiv(vocab, n_splits), granule) * granule)   # balanced
+
+
+def triton_forward(hidden, weight, tgt, inv_t, want_ent, split_cols=None):
+    """(logp, ent or None, lse), fp32 [N]; tgt is -1 on ignored rows."""
+    n_rows, hd = hidden.shape
+    vocab = weight.shape[0]
+    cols = split_cols or forward_split_cols(n_rows, vocab)
+    n_splits = triton.cdiv(vocab, cols)
+    part = torch.empty(4, n_splits, n_rows, dtype=torch.float32, device=hidden.device)
+    if n_rows > 0:
+        args = (hidden, weight, tgt, part, n_rows, vocab, hd, n_splits, cols,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_t)
+        consts = dict(WANT_ENT=want_ent, PRECISION=_precision(hidden.dtype), UPCAST=_interpreted())
+        _launch("fwd", _fwd_kernel, lambda bn, bv: (triton.cdiv(n_rows, bn) * n_splits,), args, consts,
+                hidden.dtype)
+    m_i, s_i, t_i, zy_i = part.unbind(0)                          # (S, N) each
+    m = m_i.amax(0)
+    scale = torch.exp(m_i - m)                                    # e^(m_i - m)
+    s = (s_i * scale).sum(0)
+    log_s = torch.log(s)
+    lse = m + log_s
+    logp = zy_i.sum(0) - lse
+    ent = None
+    if want_ent:
+        # sum_j e^(z_j - m)(z_j - m) = sum_i e^(m_i - m) (t_i + (m_i - m) s_i)
+        ent = log_s - (scale * (t_i + (m_i - m) * s_i)).sum(0) / s
+    return logp, ent, lse
+
+
+def dlogits(hidden, weight, tgt, lse, ent, g_lp, g_ent, out, v_lo, inv_t):
+    """out[:, j] = dz[:, v_lo + j] / T for j < out.shape[1]; g_ent None = no entropy term."""
+    n_rows, cols = out.shape
+    has_ent = g_ent is not None
+    args = (hidden, weight, tgt, lse, ent if has_ent else lse, g_lp, g_ent if has_ent else g_lp, out,
+            n_rows, hidden.shape[1], v_lo, cols, hidden.stride(0), hidden.stride(1),
+            weight.stride(0), weight.stride(1), out.stride(0), inv_t)
+    consts = dict(HAS_ENT=has_ent, GROUP_N=GROUP_N, PRECISION=_precision(hidden.dtype), UPCAST=_interpreted())
+    _launch("dlogits", _dlogits_kernel, lambda bn, bv: (triton.cdiv(n_rows, bn) * triton.cdiv(cols, bv),),
+            args, consts, hidden.dtype)
+
+
+def addmm_fp32(acc, a, b):
+    """acc += a @ b, accumulated in fp32 also for 16-bit a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif not a.is_cuda:                  # the interpreter on CPU: exact upcasts, fp32 GEMM
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        # cuBLAS writes the fp32 product (mm's out_dtype, torch >= 2.8); addmm into an fp32
+        # accumulator from 16-bit operands needs torch >= 2.12, hence a bounded temporary.
+        for r0 in range(0, a.shape[0], ROWS_PER_GEMM):
+            acc[r0:r0 + ROWS_PER_GEMM].add_(torch.mm(a[r0:r0 + ROWS_PER_GEMM], b, out_dtype=acc.dtype))
+
+
+def triton_backward(hidden, weight, tgt, lse, ent, g_lp, g_ent, inv_t, need_h, need_w, split_cols=None):
+    """(grad_h or None, grad_W or None) in the input dtypes; g_lp, g_ent zero on ignored rows."""
+    n_rows, hd = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    cols = split_cols or backward_split_cols(n_rows, vocab, hidden.element_size())
+    buf = torch.empty(n_rows * min(cols, vocab), dtype=hidden.dtype, device=dev)
+    acc_h = torch.zeros(n_rows, hd, dtype=torch.float32, device=dev) if need_h else None
+    grad_w = torch.empty(vocab, hd, dtype=weight.dtype, device=dev) if need_w else None
+    if need_w and n_rows == 0:
+        grad_w.zero_()
+    for v0 in range(0, vocab if n_rows > 0 else 0, cols):
+        v1 = min(v0 + cols, vocab)
+        d = buf[: n_rows * (v1 - v0)].view(n_rows, v1 - v0)   # contiguous, for the GEMMs
+        dlogits(hidden, weight, tgt, lse, ent, g_lp, g_ent, d, v0, inv_t)
+        if need_w:
+            torch.mm(d.t(), hidden, out=grad_w[v0:v1])
+        if need_h:
+            addmm_fp32(acc_h, d, weight[v0:v1])
+    del buf
+    return (acc_h.to(hidden.dtype) if need_h else None), grad_w
 
 
 class TritonLogprobs(torch.autograd.Function):
-    """autograd wrapper around the three kernels; saves only [N] statistics."""
+    """autograd wrapper: forward saves only [N] statistics, backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, want_ent, ignore_index):
-        n_rows = hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, temperature, want_ent, ignore_index, fwd_cols, bwd_cols):
         inv_t = 1.0 / float(temperature)
-        bn, bv, bh, nw = _blocks(hidden)
-        dev = hidden.device
         valid = targets != ignore_index
         tgt = torch.where(valid, targets, torch.full_like(targets, -1)).contiguous()
-        logp = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        ent = torch.empty(n_rows, dtype=torch.float32, device=dev) if want_ent else lse
-        if n_rows > 0:
-            _fwd_kernel[(triton.cdiv(n_rows, bn),)](
-                hidden, weight, tgt, logp, ent, lse, *_launch_args(hidden, weight), inv_t,
-                WANT_ENT=want_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                PRECISION=_precision(hidden.dtype), UPCAST=_interpreted(), num_warps=nw)
-        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        logp, ent, lse = triton_forward(hidden, weight, tgt, inv_t, want_ent, fwd_cols)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         logp = torch.where(valid, logp, zero)
         ent = torch.where(valid, ent, zero) if want_ent else None
         ctx.save_for_backward(hidden, weight, tgt, lse, ent, valid)
-        ctx.cfg = (inv_t, want_ent)
+        ctx.cfg = (inv_t, want_ent, bwd_cols)
         return (logp, ent) if want_ent else logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lp, g_ent=None):
         hidden, weight, tgt, lse, ent, valid = ctx.saved_tensors
-        inv_t, want_ent = ctx.cfg
+        inv_t, want_ent, bwd_cols = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
-            return (None,) * 6
+            return (None,) * 8
         vf = valid.to(torch.float32)
         g_lp = torch.zeros_like(lse) if g_lp is None else (g_lp.float() * vf).contiguous()
-        has_ent = want_ent and g_ent is not None
-        g_ent = (g_ent.float() * vf).contiguous() if has_ent else g_lp   # dummy ptr if unused
-        ent = ent if has_ent else lse                                    # dummy ptr if unused
-        bn, bv, bh, nw = _blocks(hidden)
-        n_rows, vocab, hd = hidden.shape[0], weight.shape[0], hidden.shape[1]
-        args = _launch_args(hidden, weight)
-        meta = dict(HAS_ENT=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                    PRECISION=_precision(hidden.dtype), UPCAST=_interpreted(), num_warps=nw)
-        grad_h = grad_w = None
-        if need_h:
-            dh = torch.zeros(n_rows, hd, dtype=torch.float32, device=hidden.device)
-            if n_rows > 0:
-                _bwd_dh_kernel[(triton.cdiv(n_rows, bn),)](
-                    hidden, weight, tgt, lse, ent, g_lp, g_ent, dh, *args, inv_t, **meta)
-            grad_h = dh.to(hidden.dtype)
-        if need_w:
-            dw = torch.zeros(vocab, hd, dtype=torch.float32, device=weight.device)
-            if n_rows > 0:
-                _bwd_dw_kernel[(triton.cdiv(vocab, bv),)](
-                    hidden, weight, tgt, lse, ent, g_lp, g_ent, dw, *args, inv_t, **meta)
-            grad_w = dw.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        g_ent = (g_ent.float() * vf).contiguous() if want_ent and g_ent is not None else None
+        grad_h, grad_w = triton_backward(hidden, weight, tgt, lse, ent, g_lp, g_ent, inv_t,
+                                         need_h, need_w, bwd_cols)
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def triton_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False,
-                    ignore_index=-100):
-    """Triton backend of fused_logprobs; hidden/weight must be fp16, bf16 or fp32."""
+                    ignore_index=-100, fwd_cols=None, bwd_cols=None):
+    """Triton backend of fused_logprobs; hidden/weight must be fp16, bf16 or fp32.
+
+    fwd_cols / bwd_cols: vocabulary columns per forward program / backward split (tests, tuning);
+    None picks them from the shape.
+    """
     if hidden.dtype != weight.dtype:
         # tl.dot wants equal operand dtypes; promote the lower-precision operand.
         common = torch.promote_types(hidden.dtype, weight.dtype)
@@ -300,5 +359,5 @@ def triton_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fal
     if max(hidden.numel(), weight.numel()) >= 2**31:
         raise ValueError("triton backend uses int32 offsets: needs N*H and V*H < 2**31")
     out = TritonLogprobs.apply(hidden, weight, targets, temperature, return_entropy,
-                               ignore_index)
+                               ignore_index, fwd_cols, bwd_cols)
     return out if return_entropy else (out, None)
