@@ -8,7 +8,7 @@
                          random Qwen2 (minigrpo.tiny) with a BPE tokenizer trained on the recipe's own text
     [2/6] SFT            CoT rows + knowledge rows (sft.py)
     [3/6] eval SFT       Pass@1 / Pass@k / Maj@k at DRG, base DRG and CC/MCC (evaluate.py)
-    [4/6] GRPO           from the SFT export (train.py)
+    [4/6] GRPO           from the SFT export (grpo_run.py)
     [5/6] eval GRPO
     [6/6] summary        summary.json, summary.md, grpo_curves.png
 
@@ -37,15 +37,15 @@ from minigrpo.help import print_help, wants_help
 from minigrpo.io import atomic_write_text, write_jsonl_atomic
 from minigrpo.tiny import TinyPreset, build_tiny
 
-from recipes.drg import sft, train
+from recipes.drg import grpo_run, sft
 from recipes.drg.demo_summary import Banner, write_summary
 from recipes.drg.evaluate import EvalSettings, evaluate_model, format_table
+from recipes.drg.grpo_run import DrgTrainConfig
 from recipes.drg.prep.synthetic import generate
 from recipes.drg.prompts import DRG_INTRODUCTION, QUESTION, SYSTEM_PROMPT
 from recipes.drg.records import read_cases
 from recipes.drg.sft import DrgSFTConfig
 from recipes.drg.tables import load_tables
-from recipes.drg.train import DrgTrainConfig
 
 DEMO_YAML = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 MARKER = ".drg-demo"
@@ -211,7 +211,7 @@ def run(cfg: DemoConfig) -> dict:
         print(format_table({"SFT": evals["SFT"]}, cfg.eval.k), flush=True)
 
     banner(4, "GRPO")
-    history = train.run(grpo_config(cfg, sft_model, data["grpo"], out / "grpo"))
+    history = grpo_run.run(grpo_config(cfg, sft_model, data["grpo"], out / "grpo"))
     banner(5, "evaluate the GRPO model")
     evals["SFT+GRPO"] = evaluate_model(str(out / "grpo" / "hf"), test_cases, cfg.eval)
 
