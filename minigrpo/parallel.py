@@ -1,9 +1,13 @@
 """FSDP2 sharding of a `LogprobModel`, the frozen reference, and full-state-dict streaming.
 
     dist_info = init_distributed()
-    policy = shard_model(LogprobModel(load_model(path)), cfg.parallel, dist_info)          # trainable
-    ref = shard_reference(LogprobModel(load_model(path)), cfg.parallel, dist_info)         # frozen
+    policy = load_sharded(cfg.model, cfg.parallel, dist_info)                              # trainable
+    ref = load_sharded(cfg.model, cfg.parallel, dist_info, frozen=True)                    # frozen
     for name, tensor in iter_full_state_dict(policy): ...                                  # HF names
+
+`load_sharded` builds the model on the meta device, shards it, and fills the shards from the one
+full copy that rank 0 reads from disk (each rank receives only its shard). `shard_model` /
+`shard_reference` shard a model that is already built in full (tests, benchmarks, small models).
 
 Layout: `fully_shard` on every decoder layer (`lm.model.layers[i]`), then on the wrapper as the
 root, so the root's forward unshards embeddings, final norm and the (tied) output weight that the
@@ -20,13 +24,15 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from minigrpo.config import ParallelConfig
-from minigrpo.dist import DistInfo
+from minigrpo.config import ModelConfig, ParallelConfig
+from minigrpo.dist import DistInfo, all_ok, comm_device
+from minigrpo.model import LogprobModel, ModelLoadError, check_model_dir, load_model
 
 WRAPPER_PREFIX = "lm."  # LogprobModel keeps the HF model as `.lm`
 
@@ -70,9 +76,10 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None) -> nn.Module:
+    # No model.to(device) first: fully_shard moves each module's states to the mesh's device itself,
+    # one layer at a time, so no full copy of the model lands on the GPU (meta tensors stay meta).
     mesh = mesh or build_mesh(info)
     mp = mixed_precision_policy(cfg, info)
-    model.to(info.device)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at the start of backward: keep them gathered.
@@ -86,16 +93,30 @@ def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMe
     return model
 
 
+def _as_trainable(model: nn.Module, cfg: ParallelConfig, activation_checkpointing: bool | None) -> None:
+    model.float()  # master weights in fp32 even if the checkpoint was bf16; compute dtype is the MP policy's
+    if cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
+        enable_activation_checkpointing(model)
+
+
+def _as_frozen(model: nn.Module, cfg: ParallelConfig, info: DistInfo) -> None:
+    model.requires_grad_(False)
+    if cfg.mixed_precision and info.device.type == "cuda":
+        model.to(torch.bfloat16)
+
+
 def shard_model(
-    model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None = None, activation_checkpointing: bool | None = None
+    model: nn.Module,
+    cfg: ParallelConfig,
+    info: DistInfo,
+    mesh: DeviceMesh | None = None,
+    activation_checkpointing: bool | None = None,
 ) -> nn.Module:
     """Shard a trainable `LogprobModel` in place (fp32 master weights) and put it in train mode.
 
     `activation_checkpointing` overrides `cfg.activation_checkpointing`.
     """
-    model.float()  # master weights in fp32 even if the checkpoint was bf16; compute dtype is the MP policy's
-    if cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
-        enable_activation_checkpointing(model)
+    _as_trainable(model, cfg, activation_checkpointing)
     model = _shard(model, cfg, info, mesh)
     model.train()
     return model
@@ -107,12 +128,89 @@ def shard_reference(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh:
     Call its forward under `torch.no_grad()`. On CUDA with mixed precision the sharded copy is kept
     in bf16 (it is never updated, so fp32 master weights buy nothing and cost twice the memory).
     """
-    model.requires_grad_(False)
-    if cfg.mixed_precision and info.device.type == "cuda":
-        model.to(torch.bfloat16)
+    _as_frozen(model, cfg, info)
     model = _shard(model, cfg, info, mesh)
     model.eval()
     return model
+
+
+def load_sharded(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    info: DistInfo,
+    frozen: bool = False,
+    mesh: DeviceMesh | None = None,
+) -> nn.Module:
+    """The sharded `LogprobModel` of `model_cfg.path`: trainable (as `shard_model`) or `frozen` (as
+    `shard_reference`), without a full copy of the model on any rank but rank 0's host.
+
+    Every rank builds the model on the meta device and shards it there; the shards are then
+    allocated on the rank's device and filled from rank 0, which alone reads the checkpoint (fp32 on
+    its host; 30 GB for 7B, where every rank loading it would take 8 x 30 GB). A collective.
+    """
+    full, error = None, None
+    if info.rank == 0:
+        try:
+            lm = load_model(model_cfg.path, "float32", model_cfg.attn_implementation, model_cfg.trust_remote_code)
+            full = LogprobModel(lm)
+        except ModelLoadError as e:
+            error = str(e)
+    error = all_ok(error is None, error or "")  # every rank raises rank 0's error, none waits in a collective
+    if error:
+        raise ModelLoadError(error)
+    model = LogprobModel(_meta_model(model_cfg))
+    if frozen:
+        _as_frozen(model, parallel_cfg, info)
+    else:
+        _as_trainable(model, parallel_cfg, None)
+    model = _shard(model, parallel_cfg, info, mesh)
+    model.to_empty(device=info.device)  # this rank's shards and the (unsharded) buffers, values undefined
+    _fill_from_rank0(model, full, info)
+    del full
+    return model.eval() if frozen else model.train()
+
+
+def _meta_model(model_cfg: ModelConfig) -> nn.Module:
+    """The folder's model with every parameter and buffer on the meta device (no memory, no init), in
+    fp32, eval mode and with the folder's generation config, as `load_model` gives it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = check_model_dir(model_cfg.path)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(
+            config,
+            dtype=torch.float32,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    if (path / "generation_config.json").is_file():
+        lm.generation_config = GenerationConfig.from_pretrained(str(path))
+    return lm.eval()
+
+
+@torch.no_grad()
+def _fill_from_rank0(model: nn.Module, source: nn.Module | None, info: DistInfo) -> None:
+    """Copy rank 0's plain `source` (None elsewhere) into the sharded `model`, one tensor at a time.
+
+    Parameters are scattered (rank 0 sends each rank its Shard(0) rows only); buffers, which FSDP
+    leaves whole (rotary inverse frequencies, not in the state dict), are broadcast. Every rank walks
+    the same names in the same order; tied weights appear once in named_parameters().
+    """
+    device = comm_device()
+    named = {**dict(source.named_parameters()), **dict(source.named_buffers())} if source is not None else {}
+    for name, target in [*model.named_parameters(), *model.named_buffers()]:
+        if info.rank == 0:
+            full = named[name].detach().to(device=device, dtype=target.dtype)
+        else:
+            full = torch.empty(target.shape, dtype=target.dtype, device=device)  # filled by the collective
+        if isinstance(target, DTensor):
+            shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=0)
+            target.to_local().copy_(shard.to_local())
+        else:
+            if info.world_size > 1:
+                dist.broadcast(full, src=0)
+            target.copy_(full)
 
 
 def hf_name(name: str) -> str:
@@ -133,7 +231,9 @@ def _tied_output_name(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def iter_full_state_dict(model: nn.Module, dtype: torch.dtype | None = None, include_tied: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, include_tied: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) one parameter at a time, gathered on every rank.
 
     A collective: every rank must consume the whole iterator in the same order. Only one full
@@ -151,11 +251,16 @@ def iter_full_state_dict(model: nn.Module, dtype: torch.dtype | None = None, inc
         seen.add(name)
         if name == tied and not include_tied:
             continue
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        yield name, (full.to(dtype) if dtype is not None else full)
+        yield name, _gathered(tensor, dtype)
     if tied is not None and include_tied and tied not in seen:
         # nn.Module.state_dict() already lists both names of a tied weight; this is a safety net
         # for models whose state_dict drops the duplicate.
-        weight = getattr(model, "lm", model).get_output_embeddings().weight
-        full = weight.full_tensor() if isinstance(weight, DTensor) else weight
-        yield tied, (full.to(dtype) if dtype is not None else full)
+        yield tied, _gathered(getattr(model, "lm", model).get_output_embeddings().weight, dtype)
+
+
+def _gathered(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The full tensor in `dtype`, cast before the all-gather: a cast of a DTensor is elementwise and keeps
+    its Shard(0), so bf16 from fp32 masters moves half the bytes, and no full fp32 copy is made."""
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

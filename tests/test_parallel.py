@@ -129,6 +129,38 @@ def test_reference_is_frozen_and_still_the_initial_model(runs):
         assert (probe["logp"] - probe["initial_logp"]).abs().max() > 1e-2  # while the policy moved
 
 
+def odd_sized_copy(model_dir: Path, out: Path) -> Path:
+    """The tiny model re-drawn with an odd vocabulary and MLP width, so 2 ranks get shards of unequal rows."""
+    import shutil
+
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.vocab_size, cfg.intermediate_size = cfg.vocab_size - 3, cfg.intermediate_size + 1
+    torch.manual_seed(5)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_load_sharded_equals_plain_load_on_two_ranks(tiny_model_dir, tmp_path):
+    """Meta-device init with rank 0's weights scattered gives, shard by shard, what a plain load sharded
+    with shard_model / shard_reference gives, and only rank 0 reads the checkpoint."""
+    model_dir = odd_sized_copy(tiny_model_dir, tmp_path / "odd")
+    out = tmp_path / "load.json"
+    run(["tests/dist/load_sharded.py", str(model_dir), str(out)], nproc=2)
+    ranks = json.loads(out.read_text())["ranks"]
+    assert [r["checkpoint_reads"] for r in ranks] == [2, 0]  # trainable + frozen, rank 0 only
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert [r["local_rows"] for r in ranks] == [(vocab + 1) // 2, vocab // 2]  # uneven Shard(0)
+    for r in ranks:
+        for kind in ("trainable", "frozen"):
+            assert all(r[kind].values()), (kind, r[kind])
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_mixed_precision_tracks_the_fp32_cpu_run(runs, tiny_model_dir, tmp_path):
     """NCCL + bf16 compute with fp32 master weights and reductions: close to the fp32 CPU run."""

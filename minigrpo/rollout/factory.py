@@ -40,5 +40,6 @@ def make_engine(
         kv_cache_memory_gb=rollout.kv_cache_memory_gb,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         enable_sleep_mode=rollout.sleep_between_steps,
+        sleep_level=2,  # the trainer pushes every weight after each sleep (the engine checks it does)
         enforce_eager=rollout.enforce_eager,
     )
