@@ -81,7 +81,7 @@ def test_parse_completion_strips_answer():
     (HF_MCC, 2.0, 2.0, 2.0),                         # exact
     (HF_MCC.lower() + "  ", 2.0, 2.0, 2.0),          # case and whitespace do not matter
     (HF_CC, 0.0, 1.5, 1.0),                          # same base DRG
-    (PNA_MCC, 0.0, 0.5, 0.0),                        # same severity (WITH MCC) only
+    (PNA_MCC, 0.0, 0.5, 1.0),                        # same severity (WITH MCC) only
     (PNA_NONE, 0.0, -0.5, -0.5),                     # neither
     ("HEART FAILURE", -1.5, -1.5, -1.5),             # not a v34 title
     ("291", -1.5, -1.5, -1.5),
@@ -93,6 +93,32 @@ def test_accuracy_schemes(answer, strict, dense, balanced):
         assert comp["accuracy"] == expected, name
         assert total == comp["format"] + comp["accuracy"] + comp["cot_penalty"] == expected
         assert comp["correct"] == (1.0 if expected == 2.0 else 0.0)
+
+
+def test_balanced_is_the_papers_appendix_a2():
+    # Exact 2.0, principal diagnosis (base DRG) only 1.0, CC/MCC status only 1.0, other valid -0.5,
+    # invalid -1.5; the format rule is unchanged (-2, accuracy 0).
+    cases = [
+        (HF_MCC, HF_MCC, 2.0),                                   # exact
+        (HF_CC, HF_MCC, 1.0),                                    # base only (WITH CC vs WITH MCC)
+        ("HEART FAILURE AND SHOCK WITHOUT CC/MCC", HF_MCC, 1.0),  # base only, other severity
+        (PNA_MCC, HF_MCC, 1.0),                                  # CC/MCC status only
+        (HF_MCC, PNA_MCC, 1.0),                                  # the same, the other way round
+        (PNA_NONE, HF_MCC, -0.5),                                # neither
+        ("PANCREAS TRANSPLANT", "KIDNEY TRANSPLANT", -0.5),      # unsplit gold: no status credit
+        ("SIMPLE PNEUMONIA", HF_MCC, -1.5),                      # not a v34 title
+        ("", HF_MCC, -1.5),                                      # empty
+    ]
+    for answer, gold, expected in cases:
+        total, comp = score("balanced", done(answer), gold)
+        assert (comp["format"], comp["accuracy"], total) == (0.0, expected, expected), (answer, gold)
+        assert comp["correct"] == (1.0 if answer == gold else 0.0)
+    total, comp = score("balanced", f"<answer>{HF_MCC}</answer>", HF_MCC)
+    assert (comp["format"], comp["accuracy"], total) == (-2.0, 0.0, -2.0)
+    # compat mode uses the same credits at the reference code's first-WITH split
+    assert score("balanced", done(HF_CC), HF_MCC, compat=True)[0] == 1.0
+    assert score("balanced", done(PNA_MCC), HF_MCC, compat=True)[0] == 1.0
+    assert score("balanced", done(PNA_NONE), HF_MCC, compat=True)[0] == -0.5
 
 
 def test_severity_credit_needs_a_split_gold():

@@ -6,9 +6,10 @@
   -1.5 (also when empty). Exact DRG -> 2.0. Otherwise, by scheme:
     strict   0
     dense    same base DRG -> 1.5; else same severity -> 0.5; else -0.5
-    balanced same base DRG -> 1.0; else same severity -> 0.0; else -0.5
-  "balanced" is named in the paper but absent from the released code: these numbers are this
-  recipe's definition (the paper's suggestion), not the study's.
+    balanced same base DRG -> 1.0; else same severity -> 1.0; else -0.5
+  "balanced" is the paper's (appendix A.2: exact 2.0, principal diagnosis only 1.0, CC/MCC status
+  only 1.0, any other valid DRG -0.5, invalid -1.5); the released code has none, so this is its
+  one implementation here.
   Base and severity come from `drg_34_base_severity.csv` (base_drg_id, cc_mcc). Severity partial
   credit needs a gold DRG that has a severity split (cc_mcc != 4): the reference code also gives
   none to titles without WITH/WITHOUT.
@@ -57,7 +58,7 @@ class PartialCredit:
 SCHEMES = {
     "strict": PartialCredit(0.0, 0.0, 0.0),
     "dense": PartialCredit(1.5, 0.5, -0.5),
-    "balanced": PartialCredit(1.0, 0.0, -0.5),  # recipe-defined, see module docstring
+    "balanced": PartialCredit(1.0, 1.0, -0.5),  # the paper's appendix A.2
 }
 
 
