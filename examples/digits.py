@@ -38,19 +38,23 @@ def reward_fn(completions: list[str], metadata: list[dict]) -> tuple[list[float]
     return rewards, {"digits": rewards, "correct": [float(r >= 0.5) for r in rewards]}
 
 
-def main(argv: list[str]) -> list[dict]:
+def main(argv: list[str]) -> int:
+    from minigrpo.cli import run_command
     from minigrpo.config import load_config, split_cli
-    from minigrpo.dist import destroy_distributed
+    from minigrpo.help import print_help, wants_help
     from minigrpo.model import load_tokenizer
     from minigrpo.trainer import GRPORunConfig, GRPOTrainer
 
-    cfg = load_config(GRPORunConfig, *split_cli(argv))
-    tokenizer = load_tokenizer(cfg.model.path, require_chat_template=True)
-    try:
-        return GRPOTrainer(cfg, make_prompts(tokenizer), reward_fn).train()
-    finally:
-        destroy_distributed()
+    if wants_help(argv):
+        return print_help(__doc__, GRPORunConfig)
+
+    def body() -> None:
+        cfg = load_config(GRPORunConfig, *split_cli(argv))
+        tokenizer = load_tokenizer(cfg.model.path, require_chat_template=True)
+        GRPOTrainer(cfg, make_prompts(tokenizer), reward_fn).train()
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

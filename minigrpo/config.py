@@ -100,7 +100,8 @@ class RolloutConfig:
     enforce_eager: bool = False  # true: no torch.compile / CUDA graphs (starts faster, decodes slower)
 
     def __post_init__(self) -> None:
-        check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        check(self.samples_per_prompt >= 2, "rollout.samples_per_prompt",
+              f"must be >= 2 (a group's advantages compare its samples), got {self.samples_per_prompt}")
         check(self.temperature > 0, "rollout.temperature", "must be > 0")
         check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
@@ -142,7 +143,8 @@ class LossConfig:
         check(self.correction_high >= 1, "loss.correction_high", f"must be >= 1, got {self.correction_high}")
         check(self.sampler_correction != "decoupled" or self.correction_level == "token", "loss.correction_level",
               "decoupled PPO weights each token (AReaL): use correction_level=token")
-        check(self.eps_low >= 0 and self.eps_high >= 0, "loss.eps_low/eps_high", "must be >= 0")
+        check(0 <= self.eps_low < 1, "loss.eps_low", f"must be in [0, 1) (the lower clip bound 1 - eps_low > 0), got {self.eps_low}")
+        check(self.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {self.eps_high}")
         check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
         check(self.beta >= 0, "loss.beta", "must be >= 0")
         check(self.max_log_ratio > 0, "loss.max_log_ratio", "must be > 0")
