@@ -2,6 +2,11 @@
 
     python benchmarks/rollout_throughput.py                      # base preset (~52M), 16 prompts x 8 x 128, T=1
     python benchmarks/rollout_throughput.py --model /path/to/hf --dtypes bfloat16 --engines vllm,hf
+    python benchmarks/rollout_throughput.py --preset qwen2.5-1.5b --engines hf,torch --dtypes bfloat16 --out r.json
+
+Presets from minigrpo.tiny get a trained tiny tokenizer; `qwen2.5-1.5b` is the real model's shape with
+random weights (initialised on the GPU when there is one) and no tokenizer: the benchmark feeds token
+ids only.
 
 Each dtype runs in its own subprocess (an in-process vLLM pins torch's thread count and global
 state; one vLLM per process). Within it, every engine warms up once, then the engines' timed full
@@ -30,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def corpus(seed: int = 0) -> list[str]:
@@ -74,8 +80,17 @@ def build_runners(args, device: str) -> dict:
             def hf_generate(prompts, n, sp, lm=lm):
                 ids = torch.tensor(prompts, device=device)
                 with torch.inference_mode():
-                    out = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=sp.temperature > 0, temperature=sp.temperature or None,
-                                      top_k=0, top_p=1.0, max_new_tokens=sp.max_new_tokens, num_return_sequences=n, pad_token_id=0)
+                    out = lm.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        do_sample=sp.temperature > 0,
+                        temperature=sp.temperature or None,
+                        top_k=0,
+                        top_p=1.0,
+                        max_new_tokens=sp.max_new_tokens,
+                        num_return_sequences=n,
+                        pad_token_id=0,
+                    )
                 return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
             runners[name] = (hf_generate, None)
@@ -129,7 +144,9 @@ def run_dtype(args) -> list[dict]:
     for name, (_, sync) in runners.items():
         t = statistics.median(times[name])
         sync_s = statistics.median(sync() for _ in range(3)) if sync else None
-        rows.append(dict(engine=name, dtype=args.dtype, tokens=tokens[name], seconds=t, tok_s=tokens[name] / t, sync_s=sync_s))
+        rows.append(
+            dict(engine=name, dtype=args.dtype, tokens=tokens[name], seconds=t, tok_s=tokens[name] / t, sync_s=sync_s)
+        )
     return rows
 
 
@@ -139,13 +156,33 @@ def _vocab_size(model_dir) -> int:
     return AutoConfig.from_pretrained(model_dir).vocab_size
 
 
+def random_model_dir(preset: str, out: Path) -> Path:
+    """A folder with the preset's Qwen2 shape and random bf16 weights (config + safetensors, no tokenizer)."""
+    from transformers import Qwen2ForCausalLM
+    from update_throughput import qwen2_config
+
+    config = qwen2_config(preset)
+    config.use_cache, config.eos_token_id, config.pad_token_id = True, None, 0
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF model folder (default: build --preset in a temp dir)")
-    ap.add_argument("--preset", default="base", choices=["tiny", "small", "base"], help="minigrpo.tiny preset built when no --model is given (base: ~52M params)")
+    ap.add_argument(
+        "--preset",
+        default="base",
+        choices=["tiny", "small", "base", "qwen2.5-1.5b"],
+        help="model built when no --model is given (base: ~52M params)",
+    )
+    ap.add_argument("--out", help="also write the header and table rows as JSON to this file")
     ap.add_argument("--engines", default="hf,torch,vllm")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--prompts", type=int, default=16)
@@ -169,28 +206,45 @@ def main(argv=None) -> None:
         from minigrpo.tiny import build_tiny
 
         tmp = tempfile.TemporaryDirectory(prefix="rollout_bench_")
-        args.model = str(build_tiny(Path(tmp.name) / args.preset, corpus(), preset=args.preset, seed=0))
+        if args.preset == "qwen2.5-1.5b":
+            args.model = str(random_model_dir(args.preset, Path(tmp.name) / args.preset))
+        else:
+            args.model = str(build_tiny(Path(tmp.name) / args.preset, corpus(), preset=args.preset, seed=0))
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(args.model)
     params = _count_params(args.model)
     print(f"device: {device_line()}")
-    print(f"model: {args.model} ({params / 1e6:.1f}M params, vocab {cfg.vocab_size}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size})")
-    print(f"batch: {args.prompts} prompts x {args.n} samples, prompt {args.prompt_len} tokens, {args.max_new} new tokens, T={args.temperature}")
+    shape = f"vocab {cfg.vocab_size}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}"
+    print(f"model: {args.model} ({params / 1e6:.1f}M params, {shape})")
+    lengths = f"prompt {args.prompt_len} tokens, {args.max_new} new tokens, T={args.temperature}"
+    print(f"batch: {args.prompts} prompts x {args.n} samples, {lengths}")
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
-    rows = []
+    rows, failed = [], []
     for dtype in args.dtypes.split(","):
         cmd = [sys.executable, __file__, "--dtype", dtype, "--model", args.model] + _passthrough(args)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{dtype}: FAILED\n{proc.stderr[-3000:]}")
+            failed.append(dtype)
             continue
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  done {dtype}: " + ", ".join(f"{r['engine']} {r['tok_s']:.0f} tok/s" for r in rows if r["dtype"] == dtype), flush=True)
+        print(
+            f"  done {dtype}: "
+            + ", ".join(f"{r['engine']} {r['tok_s']:.0f} tok/s" for r in rows if r["dtype"] == dtype),
+            flush=True,
+        )
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     _table(rows)
+    if args.out:
+        shape = dict(vocab=cfg.vocab_size, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size)
+        batch = dict(prompts=args.prompts, n=args.n, prompt_len=args.prompt_len, max_new=args.max_new)
+        header = dict(device=device_line(), preset=args.preset, params=params, **shape, **batch)
+        Path(args.out).write_text(json.dumps(dict(header, rows=rows), indent=1))
     if tmp:
         tmp.cleanup()
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 def _count_params(model_dir) -> int:
@@ -214,13 +268,16 @@ def _passthrough(args) -> list[str]:
 def _table(rows) -> None:
     base = {r["dtype"]: r["tok_s"] for r in rows if r["engine"] == "hf"}
     best_hf = max(base.values()) if base else None
-    print("\n| engine | dtype | generated tokens | s / batch | tokens/s | vs HF same dtype | vs best HF | weight sync s |")
+    print(
+        "\n| engine | dtype | generated tokens | s / batch | tokens/s | vs HF same dtype | vs best HF | weight sync s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = f"{r['tok_s'] / base[r['dtype']]:.2f}x" if r["dtype"] in base else "-"
         best = f"{r['tok_s'] / best_hf:.2f}x" if best_hf else "-"
         sync = f"{r['sync_s']:.3f}" if r["sync_s"] is not None else "-"
-        print(f"| {r['engine']} | {r['dtype']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {same} | {best} | {sync} |")
+        cells = [r["engine"], r["dtype"], r["tokens"], f"{r['seconds']:.2f}", f"{r['tok_s']:.0f}", same, best, sync]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

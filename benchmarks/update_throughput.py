@@ -2,11 +2,14 @@
 
     python benchmarks/update_throughput.py --preset small --seq-len 512 --batch 4
     torchrun --nproc_per_node 8 benchmarks/update_throughput.py --preset qwen2.5-1.5b --seq-len 4096 --batch 4
+    python benchmarks/update_throughput.py ... --out result.json     # also the numbers as JSON (rank 0)
 
 minigrpo step: FSDP2-sharded `LogprobModel` (fused log-probs, no [N, V] logits), loss on the
 completion half of each row, backward, global-norm clip, AdamW. Baseline: the same model unsharded,
 HF forward with full logits + cross entropy (`labels=`), backward, clip, AdamW. Random weights
-(presets from minigrpo.tiny, or the Qwen2.5-1.5B shape from its real dims; nothing is downloaded).
+(presets from minigrpo.tiny, or the Qwen2.5-1.5B shape from its real dims; nothing is downloaded),
+initialised on the device (a 1.5B model initialised on the host takes minutes of CPU time); the
+parameter count comes from a meta-device copy.
 
 MFU = 6 * params * tokens / time / peak, where peak is the dense matmul rate measured in this run
 (attention FLOPs are not counted, as in nanoGPT's estimate). On CUDA the H100 bf16 dense peak
@@ -39,22 +42,40 @@ def qwen2_config(preset: str):
     from transformers import Qwen2Config
 
     if preset == "qwen2.5-1.5b":  # dims of Qwen/Qwen2.5-1.5B-Instruct's config.json
-        dims = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6)  # fmt: skip
+        dims = dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+        )
     else:
         from minigrpo.tiny import PRESETS
 
         p = PRESETS[preset]
-        dims = dict(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size, num_hidden_layers=p.num_layers,
-                    num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads, max_position_embeddings=p.max_positions, rope_theta=1e4)  # fmt: skip
+        dims = dict(
+            vocab_size=p.vocab_size,
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_hidden_layers=p.num_layers,
+            num_attention_heads=p.num_heads,
+            num_key_value_heads=p.num_kv_heads,
+            max_position_embeddings=p.max_positions,
+            rope_theta=1e4,
+        )
     return Qwen2Config(**dims, tie_word_embeddings=True, use_cache=False)
 
 
-def build(config, seed: int = 0):
+def build(config, device: torch.device | str = "cpu", seed: int = 0):
+    """A random-initialised model, built (and initialised) directly on `device`."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    with torch.device(device):
+        return Qwen2ForCausalLM(config)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -106,7 +127,7 @@ def step_times(steps: dict, repeats: int, warmup: int, device: torch.device, int
 
 def make_minigrpo_step(config, input_ids: torch.Tensor, targets: torch.Tensor, ac: bool, info):
     """FSDP2-sharded LogprobModel: fused log-probs (no (B, T, V) logits), clip, AdamW."""
-    policy = shard_model(LogprobModel(build(config)), ParallelConfig(activation_checkpointing=ac), info)
+    policy = shard_model(LogprobModel(build(config, info.device)), ParallelConfig(activation_checkpointing=ac), info)
     optimizer = build_optimizer(policy, OptimConfig(lr=1e-5))
     mask = (targets != -100).float()  # (B, T)
     n_scored = int(mask.sum())
@@ -121,9 +142,16 @@ def make_minigrpo_step(config, input_ids: torch.Tensor, targets: torch.Tensor, a
     return step
 
 
-def make_baseline_step(config, input_ids: torch.Tensor, completion: torch.Tensor, ac: bool, device: torch.device, compute_dtype: torch.dtype):
+def make_baseline_step(
+    config,
+    input_ids: torch.Tensor,
+    completion: torch.Tensor,
+    ac: bool,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+):
     """Plain HF model: full (B, T, V) logits + cross entropy via `labels=`, clip, AdamW (autocast on CUDA)."""
-    base = build(config).to(device)
+    base = build(config, device)
     if ac:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(base.parameters(), lr=1e-5, foreach=device.type == "cuda")
@@ -149,7 +177,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing (both paths)")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None, help="alternate the two paths step by step (default: on CPU)")
+    ap.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="alternate the two paths step by step (default: on CPU)",
+    )
+    ap.add_argument("--out", help="write the results as JSON to this file (rank 0)")
     args = ap.parse_args()
 
     info = init_distributed()
@@ -164,17 +198,26 @@ def main() -> None:
     n_scored = int((targets != -100).sum())  # per rank
     tokens = args.batch * args.seq_len * info.world_size  # per step, all ranks
 
-    params = sum(p.numel() for p in build(config).parameters())  # tied embedding counted once
+    params = sum(p.numel() for p in build(config, "meta").parameters())  # tied embedding counted once
     peak = measure_matmul_flops(device, compute_dtype, 4096 if cuda else 1024, 50 if cuda else 5)
     interleave = not cuda if args.interleave is None else args.interleave
     if info.is_main:
-        name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        name = (
+            torch.cuda.get_device_name(device)
+            if cuda
+            else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        )
         print(f"device: {name} x{info.world_size} ({info.backend}); torch {torch.__version__}; compute {compute_dtype}")
         shape = f"vocab {config.vocab_size}, {config.num_hidden_layers} layers, hidden {config.hidden_size}"
         print(f"model: {args.preset} Qwen2 shape, {params / 1e6:.1f}M params, {shape}")
-        print(f"batch: {args.batch} x {args.seq_len} tokens per rank ({n_scored} scored), activation checkpointing {args.ac}")
-        print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, {'interleaved' if interleave else 'one path after the other'}")
-        print(f"measured dense matmul peak: {peak / 1e12:.3f} TFLOP/s" + (f" (H100 bf16 dense spec: {H100_BF16_DENSE_TFLOPS:.0f})" if cuda else ""))
+        scored = f"({n_scored} scored), activation checkpointing {args.ac}"
+        print(f"batch: {args.batch} x {args.seq_len} tokens per rank {scored}")
+        order = "interleaved" if interleave else "one path after the other"
+        print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, {order}")
+        print(
+            f"measured dense matmul peak: {peak / 1e12:.3f} TFLOP/s"
+            + (f" (H100 bf16 dense spec: {H100_BF16_DENSE_TFLOPS:.0f})" if cuda else "")
+        )
 
     ours, base = "minigrpo (FSDP2 + fused logprobs)", "HF baseline (full logits + CE)"
     with_baseline = not args.no_baseline and info.world_size == 1  # the baseline is unsharded
@@ -184,7 +227,9 @@ def main() -> None:
     }
     results, mem = {}, {}
     if interleave and with_baseline:
-        results = step_times({label: make() for label, make in makers.items()}, args.steps, args.warmup, device, interleave=True)
+        results = step_times(
+            {label: make() for label, make in makers.items()}, args.steps, args.warmup, device, interleave=True
+        )
     else:
         # One model at a time: on a GPU both (with AdamW state) may not fit together.
         for label in [ours] + ([base] if with_baseline else []):
@@ -196,13 +241,35 @@ def main() -> None:
             mem[label] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
             del step
     if info.is_main:
+        rows = []
         for label, sec in results.items():
             tps = tokens / sec
             mfu = 6 * params * tokens / sec / (peak * info.world_size)
             extra = f", peak mem {mem[label]:.2f} GiB" if mem.get(label) is not None else ""
             print(f"{label:34s} {sec * 1e3:9.1f} ms/step  {tps:10.1f} tokens/s  MFU {100 * mfu:5.1f}%{extra}")
-        if len(results) == 2:
-            print(f"speed-up of minigrpo over the baseline: x{results[base] / results[ours]:.2f}")
+            rows.append(dict(path=label, ms_per_step=sec * 1e3, tokens_per_s=tps, mfu=mfu, peak_mem_gib=mem.get(label)))
+        speedup = results[base] / results[ours] if len(results) == 2 else None
+        if speedup is not None:
+            print(f"speed-up of minigrpo over the baseline: x{speedup:.2f}")
+        if args.out:
+            import json
+
+            report = dict(
+                device=str(device),
+                world_size=info.world_size,
+                torch=torch.__version__,
+                preset=args.preset,
+                params=params,
+                batch=args.batch,
+                seq_len=args.seq_len,
+                activation_checkpointing=args.ac,
+                compute_dtype=str(compute_dtype),
+                measured_peak_flops=peak,
+                steps=args.steps,
+                results=rows,
+                speedup_over_baseline=speedup,
+            )
+            Path(args.out).write_text(json.dumps(report, indent=1))
     destroy_distributed()
 
 
