@@ -53,6 +53,13 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def model_context(path: str | os.PathLike) -> int | None:
+    """The model's context length (`max_position_embeddings` of its config.json), if it states one."""
+    cfg = json.loads((check_model_dir(path) / "config.json").read_text())
+    value = cfg.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = False):
     from transformers import AutoTokenizer
 

@@ -34,7 +34,7 @@ from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import comm_device, init_distributed
 from minigrpo.io import append_jsonl, truncate_jsonl
 from minigrpo.metrics import MetricsLogger, peak_flops
-from minigrpo.model import LogprobModel, load_model, load_tokenizer
+from minigrpo.model import LogprobModel, load_model, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference
 from minigrpo.rl.groups import CORRECT, Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, resample_groups
@@ -135,11 +135,21 @@ class GRPOTrainer:
         self.logger = MetricsLogger(str(self.out), self.total_steps, self.dist.is_main, cfg.run.report_to)
 
     def _prepare_prompts(self, items: Sequence[PromptLike]) -> tuple[list, int]:
-        """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long)."""
-        run = self.cfg.grpo
-        prompts, over_long = limit_prompt_length(
-            as_prompts(items, self.tokenizer), run.max_prompt_tokens, run.over_long_prompts
-        )
+        """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long).
+
+        Every prompt is checked against the context here, at start, not when it is drawn: the limit is
+        grpo.max_prompt_tokens or the model's context minus rollout.max_new_tokens, whichever is smaller."""
+        run, new_tokens = self.cfg.grpo, self.cfg.rollout.max_new_tokens
+        context = model_context(self.cfg.model.path)
+        if context is not None and context - new_tokens < 1:
+            raise ConfigError(
+                f"config key 'rollout.max_new_tokens': {new_tokens} leaves no room for a prompt in "
+                f"the model's context of {context} tokens"
+            )
+        limit, why = run.max_prompt_tokens, "grpo.max_prompt_tokens"
+        if context is not None and context - new_tokens < limit:
+            limit, why = context - new_tokens, f"the model's context {context} - rollout.max_new_tokens {new_tokens}"
+        prompts, over_long = limit_prompt_length(as_prompts(items, self.tokenizer), limit, run.over_long_prompts, why)
         if run.curriculum != "none":
             prompts = apply_curriculum(prompts, load_prompt_records(run.curriculum_records), run.curriculum)
         if run.prompts_per_step % self.dist.world_size:

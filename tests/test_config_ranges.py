@@ -63,3 +63,21 @@ def test_entry_point_help_lists_the_keys():
     assert proc.returncode == 0, proc.stderr
     for key in ("samples_per_prompt", "aggregation", "shared_prompt", "save_every"):
         assert key in proc.stdout
+
+
+def test_prompt_over_the_context_is_found_at_start_and_named(tiny_model_dir, tmp_path):
+    from examples.digits import make_prompts, reward_fn
+    from minigrpo.model import load_tokenizer, model_context
+    from minigrpo.rl.prompts import Prompt
+    from minigrpo.trainer import GRPOTrainer
+
+    context = model_context(tiny_model_dir)
+    prompts = make_prompts(load_tokenizer(tiny_model_dir), 4) + [Prompt("case-too-long", [5] * (context - 3))]
+    cfg = load_config(GRPORunConfig, None, [f"--model.path={tiny_model_dir}", f"--run.output_dir={tmp_path}",
+                                            "--grpo.prompts_per_step=2", "--rollout.max_new_tokens=8",
+                                            f"--grpo.max_prompt_tokens={10 * context}",
+                                            "--grpo.over_long_prompts=reject", "--loss.beta=0"])
+    with pytest.warns(UserWarning, match=r"model.s context.*rejected: case-too-long"):
+        trainer = GRPOTrainer(cfg, prompts, reward_fn)
+    assert trainer.over_long == 1 and all(p.id != "case-too-long" for p in trainer.prompts)
+    assert not (tmp_path / "checkpoints").exists()

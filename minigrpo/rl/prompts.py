@@ -50,26 +50,30 @@ def as_prompts(items: Sequence[PromptLike], tokenizer) -> list[Prompt]:
 
 
 def limit_prompt_length(
-    prompts: Sequence[Prompt], max_tokens: int, policy: Literal["truncate", "reject"]
+    prompts: Sequence[Prompt], max_tokens: int, policy: Literal["truncate", "reject"], why: str = "max_prompt_tokens"
 ) -> tuple[list[Prompt], int]:
     """Left-truncate (keeping the end, where the question and generation prompt sit) or drop
-    prompts longer than `max_tokens`. Returns the kept prompts and how many were over the limit."""
-    kept, over = [], 0
+    prompts longer than `max_tokens`. Returns the kept prompts and how many were over the limit;
+    the warning names the first prompts over it, and `why` the limit."""
+    kept, over = [], []
     for p in prompts:
         if len(p.ids) <= max_tokens:
             kept.append(p)
             continue
-        over += 1
+        over.append(p)
         if policy == "truncate":
             kept.append(Prompt(p.id, p.ids[-max_tokens:], p.metadata))
     if over:
         action = "left-truncated" if policy == "truncate" else "rejected"
+        names = ", ".join(f"{p.id} ({len(p.ids)} tokens)" for p in over[:3]) + (", ..." if len(over) > 3 else "")
         warnings.warn(
-            f"{over} of {len(prompts)} prompts are longer than {max_tokens} tokens and were {action}", stacklevel=2
+            f"{len(over)} of {len(prompts)} prompts are longer than {max_tokens} tokens ({why}) and "
+            f"were {action}: {names}",
+            stacklevel=2,
         )
     if not kept:
-        raise ValueError(f"no prompt left: all {len(prompts)} are longer than max_prompt_tokens={max_tokens}")
-    return kept, over
+        raise ValueError(f"no prompt left: all {len(prompts)} are longer than {max_tokens} tokens ({why})")
+    return kept, len(over)
 
 
 # ----------------------------------------------------------------------------- curriculum
