@@ -14,12 +14,18 @@ Each metric is reported at three levels:
   titles without a severity split agree).
 An answer that is not one of the 757 titles is wrong at every level. For Maj@k the majority DRG
 answer is chosen first and then judged at each level.
+
+Uncertainty: `bootstrap_mean` is a percentile bootstrap over test cases (Efron & Tibshirani 1993,
+ch. 13); `paired_bootstrap` resamples the same cases for two models, so the interval of a
+difference (SFT -> SFT+GRPO on one test set) excludes the case-to-case variance both share.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+
+import numpy as np
 
 from recipes.drg.rewards import parse_completion
 from recipes.drg.tables import DrgTables, load_tables, normalize
@@ -84,8 +90,9 @@ def case_metrics(answers: Sequence[str | None], gold: str,
 
 
 def evaluate_cases(samples: Sequence[Sequence[str | None]], golds: Sequence[str],
-                   tables: DrgTables | None = None) -> dict[str, float]:
-    """Mean of `case_metrics` over cases (fractions in [0, 1]), plus "cases" and "k"."""
+                   tables: DrgTables | None = None) -> dict:
+    """Mean of `case_metrics` over cases (fractions in [0, 1]), plus "cases", "k" and "per_case"
+    (each metric's list of per-case values, in case order)."""
     if len(samples) != len(golds):
         raise ValueError(f"{len(samples)} sample lists but {len(golds)} gold descriptions")
     if not golds:
@@ -94,6 +101,35 @@ def evaluate_cases(samples: Sequence[Sequence[str | None]], golds: Sequence[str]
     per_case = [case_metrics(answers, gold, tables) for answers, gold in zip(samples, golds)]
     summary = {key: sum(c[key] for c in per_case) / len(per_case) for key in per_case[0]}
     ks = {len(answers) for answers in samples}
+    summary["per_case"] = {key: [c[key] for c in per_case] for key in per_case[0]}  # for bootstrap intervals
     summary["cases"] = float(len(per_case))
     summary["k"] = float(ks.pop()) if len(ks) == 1 else float("nan")  # nan: k varies by case
     return summary
+
+
+def _resample_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(values), size=(resamples, len(values)))  # (resamples, cases)
+    return values[index].mean(axis=1)
+
+
+def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of `values` with its percentile-bootstrap interval: {"mean", "low", "high", "n"}."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values to bootstrap")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    means = _resample_means(x, resamples, seed)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "n": int(x.size)}
+
+
+def paired_bootstrap(before: Sequence[float], after: Sequence[float], level: float = 0.95,
+                     resamples: int = 2000, seed: int = 0) -> dict:
+    """after - before on the same cases, resampled together: {"mean", "low", "high", "n"} of the difference."""
+    if len(before) != len(after):
+        raise ValueError(f"paired values differ in length: {len(before)} vs {len(after)}")
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    return bootstrap_mean(diff, level, resamples, seed)
