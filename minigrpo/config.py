@@ -90,6 +90,9 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 256
+    # auto: bfloat16 on CUDA, float32 on CPU (exact against the fp32 trainer); bfloat16 on a CPU with
+    # AVX512-BF16 / AMX is faster, and its log-probs differ from fp32 (see benchmarks/results/bf16_cpu.md)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # torch engine only: rows (prompts x samples) decoded per pass, which bounds its static KV cache
     # (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); 0 = every row in one pass
     max_batch_rows: int = 0

@@ -34,7 +34,7 @@ from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import comm_device, init_distributed
 from minigrpo.io import append_jsonl, truncate_jsonl
 from minigrpo.metrics import MetricsLogger, peak_flops
-from minigrpo.model import LogprobModel, load_model, load_tokenizer, model_context
+from minigrpo.model import DTYPES, LogprobModel, load_model, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference
 from minigrpo.rl.groups import CORRECT, Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, resample_groups
@@ -42,7 +42,7 @@ from minigrpo.rl.micro_batches import RLMicroBatch, pack_groups
 from minigrpo.rl.prompts import PromptLike, PromptStream, apply_curriculum, as_prompts, limit_prompt_length
 from minigrpo.rl.prompts import load_prompt_records
 from minigrpo.rl.stats import StepStats
-from minigrpo.rollout import SamplingParams, make_engine
+from minigrpo.rollout import SamplingParams, engine_dtype, make_engine
 from minigrpo.seeding import derive_seed
 
 StepCallback = Callable[[int, dict], None]
@@ -290,9 +290,10 @@ class GRPOTrainer:
         return norm, lr
 
     def sync_weights(self) -> None:
-        """Stream the new full weights into the engine, one tensor at a time (bf16 on CUDA: the engine's dtype)."""
-        dtype = torch.bfloat16 if self.dist.device.type == "cuda" else None
-        self.engine.load_weights(iter_full_state_dict(self.policy, dtype=dtype))
+        """Stream the new full weights into the engine, one tensor at a time, cast to the engine's dtype
+        before the gather (half the traffic in bf16)."""
+        dtype = DTYPES[engine_dtype(self.cfg.rollout, self.dist.device)]
+        self.engine.load_weights(iter_full_state_dict(self.policy, dtype=None if dtype == torch.float32 else dtype))
 
     # ----------------------------------------------------------------------------- the step
 

@@ -14,6 +14,13 @@ from minigrpo.rollout.base import RolloutEngine
 from minigrpo.rollout.torch_engine import TorchEngine
 
 
+def engine_dtype(rollout: RolloutConfig, device: torch.device) -> str:
+    """`rollout.dtype`, with auto = bfloat16 on CUDA and float32 elsewhere (exact against the fp32 trainer)."""
+    if rollout.dtype != "auto":
+        return rollout.dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def make_engine(
     rollout: RolloutConfig,
     model_path: str | os.PathLike,
@@ -21,8 +28,8 @@ def make_engine(
     seed: int,
     attn_implementation: str = "sdpa",
 ) -> RolloutEngine:
-    """The engine of `rollout.engine`: bf16 on CUDA, fp32 elsewhere (exact against the fp32 trainer)."""
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    """The engine of `rollout.engine`, computing in `engine_dtype(rollout, device)`."""
+    dtype = engine_dtype(rollout, device)
     if rollout.engine == "torch":
         return TorchEngine(
             model_path,
