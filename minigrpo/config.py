@@ -146,7 +146,8 @@ class LossConfig:
         check(self.correction_high >= 1, "loss.correction_high", f"must be >= 1, got {self.correction_high}")
         check(self.sampler_correction != "decoupled" or self.correction_level == "token", "loss.correction_level",
               "decoupled PPO weights each token (AReaL): use correction_level=token")
-        check(0 <= self.eps_low < 1, "loss.eps_low", f"must be in [0, 1) (the lower clip bound 1 - eps_low > 0), got {self.eps_low}")
+        check(0 <= self.eps_low < 1, "loss.eps_low",
+              f"must be in [0, 1) (the lower clip bound 1 - eps_low > 0), got {self.eps_low}")
         check(self.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {self.eps_high}")
         check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip", f"must be 0 or > 1, got {self.dual_clip}")
         check(self.beta >= 0, "loss.beta", "must be >= 0")
@@ -181,10 +182,13 @@ class GRPOConfig:
         check(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
         check(self.max_prompt_tokens >= 1, "grpo.max_prompt_tokens", "must be >= 1")
         check(self.resample_attempts >= 1, "grpo.resample_attempts", "must be >= 1")
-        check(len(self.resample_temperatures) > 0 and all(t > 0 for t in self.resample_temperatures), "grpo.resample_temperatures", "must be a non-empty list of positive temperatures")
+        temperatures = self.resample_temperatures
+        check(len(temperatures) > 0 and all(t > 0 for t in temperatures), "grpo.resample_temperatures",
+              "must be a non-empty list of positive temperatures")
         check(self.resample_min_std >= 0, "grpo.resample_min_std", "must be >= 0")
         check(self.filter_max_rounds >= 0, "grpo.filter_max_rounds", "must be >= 0")
-        check(self.curriculum == "none" or bool(self.curriculum_records), "grpo.curriculum_records", f"curriculum={self.curriculum!r} needs the records file of a previous run")
+        check(self.curriculum == "none" or bool(self.curriculum_records), "grpo.curriculum_records",
+              f"curriculum={self.curriculum!r} needs the records file of a previous run")
 
 
 @dataclass(slots=True)

@@ -8,7 +8,16 @@ from minigrpo.rollout.base import Completion, RolloutEngine, SamplingParams, che
 from minigrpo.rollout.torch_engine import TorchEngine
 from minigrpo.rollout.factory import engine_dtype, make_engine
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "TorchEngine", "VLLMEngine", "check_request", "engine_dtype", "make_engine"]
+__all__ = [
+    "Completion",
+    "RolloutEngine",
+    "SamplingParams",
+    "TorchEngine",
+    "VLLMEngine",
+    "check_request",
+    "engine_dtype",
+    "make_engine",
+]
 
 
 def __getattr__(name: str):
