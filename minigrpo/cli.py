@@ -4,9 +4,9 @@
   `error: ...` line and exit code 2. Any other exception is a bug: it keeps its traceback.
 - Ctrl-C / SIGTERM / the torchrun launcher dying -> one line (`interrupted at step N; the last
   checkpoint is step K; resume with ...`) and exit code 128 + the signal number.
-- Under torchrun every rank exits with the same code, but only local rank 0 prints the line, so a
-  config error shows once per node (torchrun's own failure summary follows it; that part is the
-  launcher's and cannot be switched off from the workers).
+- Under torchrun every rank exits with the same code (at once, see below), but only local rank 0
+  prints the line, so a config error shows once per node (torchrun's own failure summary follows
+  it; that part is the launcher's and cannot be switched off from the workers).
 - The process group is torn down either way (with a barrier only after a clean run).
 """
 
@@ -53,4 +53,11 @@ def run_command(body: Callable[[], object]) -> int:
             destroy_distributed(clean=finished)
         finally:
             interrupt.restore(previous)
+    if code and under_torchrun():
+        # torchrun SIGTERMs the other workers as soon as one exits, and a worker still in interpreter
+        # shutdown (signal handlers back to their defaults) would report "killed by SIGTERM" instead
+        # of its own code: nothing is left to clean up, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code

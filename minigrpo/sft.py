@@ -39,8 +39,9 @@ from minigrpo.parallel import shard_model
 from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
 
 CONSOLE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s")
-# Keys a resumed SFT run may change besides run.* and parallel.* (see run_dir): they do not touch training.
-MAY_CHANGE_ON_RESUME = ("data.eval_file", "data.eval_every", "checkpoint.export_dtype")
+# Keys a resumed SFT run may change besides run.* and parallel.* (see run_dir): they do not touch training,
+# or, for data.train_file, the rows it holds are compared instead (a moved file is the same data).
+MAY_CHANGE_ON_RESUME = ("data.train_file", "data.eval_file", "data.eval_every", "checkpoint.export_dtype")
 
 
 @dataclass(slots=True)
