@@ -76,7 +76,8 @@ def fails_cleanly(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 def test_one_epoch_by_default_even_with_a_partial_run_section(finished):
     assert steps_logged(finished["out"]) == [2, 4]
-    assert sorted(p.name for p in (finished["out"] / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
+    names = sorted(p.name for p in (finished["out"] / "checkpoints").iterdir())
+    assert names == ["latest", "step_000002", "step_000004"]
 
 
 def test_bad_config_is_one_line_and_writes_nothing(copy, tmp_path):

@@ -119,3 +119,15 @@ def test_bad_input_exits_non_zero_from_the_command_line(good):
     proc = run(["-m", "minigrpo.sft", f"--model.path={good['model']}", f"--data.train_file={good['train']}", "--data.batch_size=0"], check=False)
     assert proc.returncode != 0
     assert "config key 'data.batch_size': must be >= 1" in proc.stderr
+
+
+def test_report_to_reaches_the_backends_through_the_step_logger(good, monkeypatch):
+    from minigrpo.metrics import MetricsLogger
+
+    reported = []
+    monkeypatch.setattr("minigrpo.config.REPORT_BACKENDS", {"tensorboard": "json"})  # "installed" for this test
+    writer = lambda backend, out: lambda step, row: reported.append((backend, step, row["loss"]))  # noqa: E731
+    monkeypatch.setattr(MetricsLogger, "_make_writer", staticmethod(writer))
+    assert _main(good, "--run.steps=2", "--run.report_to=tensorboard") == 0
+    logged = [json.loads(line) for line in (good["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert reported == [("tensorboard", row["step"], row["loss"]) for row in logged] and len(logged) == 2
