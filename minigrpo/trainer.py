@@ -14,35 +14,32 @@ yields `(step, metrics)` for a caller that drives the loop itself.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from minigrpo import grpo
-from minigrpo.checkpoint import export_hf, latest_checkpoint, load_checkpoint, python_rng_from_json
-from minigrpo.checkpoint import python_rng_to_json, save_checkpoint
+from minigrpo.checkpoint import export_hf, python_rng_from_json, python_rng_to_json
 from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import comm_device, init_distributed
-from minigrpo.io import append_jsonl, truncate_jsonl
-from minigrpo.metrics import MetricsLogger, peak_flops
-from minigrpo.model import DTYPES, LogprobModel, load_model, load_tokenizer, model_context
+from minigrpo.metrics import peak_flops
+from minigrpo.model import DTYPES, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference
+from minigrpo.parallel import iter_full_state_dict, load_sharded
 from minigrpo.rl.groups import CORRECT, Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, resample_groups
 from minigrpo.rl.micro_batches import RLMicroBatch, pack_groups
 from minigrpo.rl.prompts import PromptLike, PromptStream, apply_curriculum, as_prompts, limit_prompt_length
 from minigrpo.rl.prompts import load_prompt_records
 from minigrpo.rl.stats import StepStats
 from minigrpo.rollout import SamplingParams, engine_dtype, make_engine
+from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
 from minigrpo.seeding import derive_seed
 
 StepCallback = Callable[[int, dict], None]
@@ -84,14 +81,12 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPORunConfig, prompts: Sequence[PromptLike], reward_fn: RewardFn):
         self.cfg, self.reward_fn = cfg, reward_fn
         self.dist = init_distributed()
-        self.out = Path(cfg.run.output_dir)
-        if not cfg.run.resume and (self.out / "checkpoints").exists():
-            raise ConfigError(
-                f"{self.out}/checkpoints exists: pass --run.resume=true to continue that run, "
-                "or choose another run.output_dir"
-            )
+        check_output_dir(cfg.run)  # before any model loads: a fresh run into an earlier one's folder
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.prompts, self.over_long = self._prepare_prompts(prompts)
+        # Checks (resume: checkpoint choice, same config and prompts); writes nothing until begin().
+        data = fingerprint([p.id, p.ids] for p in self.prompts)
+        self.run_dir = RunDir(cfg.run, to_dict(cfg), data)
         # run.steps = 0: one pass over the prompts left after the filters (the paper's one epoch).
         self.total_steps = cfg.run.steps or max(1, len(self.prompts) // cfg.grpo.prompts_per_step)
         shuffle = cfg.grpo.shuffle and cfg.grpo.curriculum != "easy_to_hard"  # easy-to-hard keeps its order
@@ -101,13 +96,9 @@ class GRPOTrainer:
         # Policy (trainable, sharded) and reference (frozen, sharded; only when a KL term is used).
         torch.manual_seed(cfg.run.seed)
         model = cfg.model
-        policy_lm = load_model(model.path, "float32", model.attn_implementation, model.trust_remote_code)
-        self.n_params = sum(p.numel() for p in policy_lm.parameters())
-        self.policy = shard_model(LogprobModel(policy_lm), cfg.parallel, self.dist)
-        self.ref = None
-        if cfg.loss.beta > 0:
-            ref_lm = load_model(model.path, "float32", model.attn_implementation, model.trust_remote_code)
-            self.ref = shard_reference(LogprobModel(ref_lm), cfg.parallel, self.dist)
+        self.policy = load_sharded(model, cfg.parallel, self.dist)
+        self.n_params = sum(p.numel() for p in self.policy.parameters())  # DTensor numel is the global one
+        self.ref = load_sharded(model, cfg.parallel, self.dist, frozen=True) if cfg.loss.beta > 0 else None
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.beta_schedule = grpo.BETA_SCHEDULES[cfg.loss.beta_schedule]
         self.kl = grpo.KL_ESTIMATORS[cfg.loss.kl]
@@ -132,7 +123,6 @@ class GRPOTrainer:
         )
         self.step = self.optimizer_steps = 0
         self.peak = peak_flops(self.dist.device)
-        self.logger = MetricsLogger(str(self.out), self.total_steps, self.dist.is_main, cfg.run.report_to)
 
     def _prepare_prompts(self, items: Sequence[PromptLike]) -> tuple[list, int]:
         """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long).
@@ -364,12 +354,7 @@ class GRPOTrainer:
                 for g in groups
                 for text, r, c in zip(g.texts, g.rewards, g.completions)
             ]
-        gathered = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(gathered, (records, completions))
-        if self.dist.is_main:
-            append_jsonl(self.out / "prompt_records.jsonl", [row for part, _ in gathered for row in part])
-            if self.cfg.run.log_completions:
-                append_jsonl(self.out / "completions.jsonl", [row for _, part in gathered for row in part])
+        self.run_dir.record(records, completions)
 
     # ----------------------------------------------------------------------------- run, save, resume
 
@@ -387,56 +372,39 @@ class GRPOTrainer:
         self.rng.setstate(python_rng_from_json(mine["rng"]))
 
     def save(self) -> None:
-        save_checkpoint(
-            self.out / "checkpoints",
-            self.step,
-            self.policy,
-            self.optimizer,
-            self.state_dict(),
-            to_dict(self.cfg),
-            keep_last=self.cfg.run.keep_last,
-        )
-
-    def resume(self) -> bool:
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            return False
-        self.load_state_dict(load_checkpoint(path, self.policy, self.optimizer)["state"])
-        self.sync_weights()  # the engine still holds the initial weights
-        if self.dist.is_main:  # rows logged after the checkpoint by the interrupted run are redone
-            for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
-                truncate_jsonl(self.out / name, self.step)
-        return True
+        self.run_dir.save(self.step, self.policy, self.optimizer, self.state_dict())
 
     def _start(self) -> None:
-        cfg = self.cfg
+        """Restore the checkpoint RunDir chose (if resuming), then let it write: config.json, logs cut."""
+        state = self.run_dir.load(self.policy, self.optimizer)
+        if state is not None:
+            self.load_state_dict(state)
+            self.sync_weights()  # the engine still holds the initial weights
+        self.run_dir.begin(self.total_steps)
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        if cfg.run.resume and self.resume():
-            if self.dist.is_main:
-                print(f"resumed from step {self.step}", flush=True)
-        elif self.dist.is_main:  # a fresh run: no rows of an earlier, checkpoint-less attempt
-            for name in ("metrics.jsonl", "prompt_records.jsonl", "completions.jsonl"):
-                truncate_jsonl(self.out / name, 0)
-        self.logger.start_step = self.step
+            print(
+                f"grpo: {len(self.prompts)} prompts, {self.total_steps} steps, world {self.dist.world_size} "
+                f"({self.dist.backend}), {self.run_dir.origin}",
+                flush=True,
+            )
 
     def steps(self) -> Iterator[tuple[int, dict]]:
         """Run the remaining steps, yielding (step, metrics) after each; checkpoints as `run.save_every`
         says (-1: none), and the final checkpoint and HF export when the run is complete."""
         run = self.cfg.run
         self._start()
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            self.step += 1
-            if self.step % run.log_every == 0 or self.step == self.total_steps:
-                self.logger.log(self.step, metrics)
-            if run.save_every > 0 and self.step % run.save_every == 0 and self.step < self.total_steps:
+        with self.run_dir.interruptible(lambda: self.step + 1):
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                if self.step % run.log_every == 0 or self.step == self.total_steps:
+                    self.run_dir.log(self.step, metrics)
+                if run.save_every > 0 and self.step % run.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+                yield self.step, metrics
+            if run.save_every >= 0:
                 self.save()
-            yield self.step, metrics
-        if run.save_every >= 0:
-            self.save()
-        export_hf(self.policy, self.out / "hf", self.tokenizer)
+            export_hf(self.policy, self.run_dir.out / "hf", self.tokenizer)
 
     def train(self, callbacks: Sequence[StepCallback] = ()) -> list[dict]:
         """Run to the end; `callbacks` are called as `fn(step, metrics)` after every step. Returns the
