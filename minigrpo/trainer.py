@@ -33,10 +33,17 @@ from minigrpo.metrics import peak_flops
 from minigrpo.model import DTYPES, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, load_sharded
-from minigrpo.rl.groups import CORRECT, Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, resample_groups
+from minigrpo.rl.groups import (
+    Group,
+    GroupSource,
+    RewardFn,
+    RolloutInfo,
+    fill_with_signal,
+    group_records,
+    resample_groups,
+)
 from minigrpo.rl.micro_batches import RLMicroBatch, pack_groups
-from minigrpo.rl.prompts import PromptLike, PromptStream, apply_curriculum, as_prompts, limit_prompt_length
-from minigrpo.rl.prompts import load_prompt_records
+from minigrpo.rl.prompts import PromptLike, PromptStream, prepare_prompts
 from minigrpo.rl.stats import StepStats
 from minigrpo.rollout import SamplingParams, engine_dtype, make_engine
 from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
@@ -125,28 +132,15 @@ class GRPOTrainer:
         self.peak = peak_flops(self.dist.device)
 
     def _prepare_prompts(self, items: Sequence[PromptLike]) -> tuple[list, int]:
-        """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long).
-
-        Every prompt is checked against the context here, at start, not when it is drawn: the limit is
-        grpo.max_prompt_tokens or the model's context minus rollout.max_new_tokens, whichever is smaller."""
-        run, new_tokens = self.cfg.grpo, self.cfg.rollout.max_new_tokens
-        context = model_context(self.cfg.model.path)
-        if context is not None and context - new_tokens < 1:
+        """Prompts as token ids, cut to the length limit, filtered by the curriculum; (prompts, # over-long)."""
+        cfg = self.cfg
+        if cfg.grpo.prompts_per_step % self.dist.world_size:
             raise ConfigError(
-                f"config key 'rollout.max_new_tokens': {new_tokens} leaves no room for a prompt in "
-                f"the model's context of {context} tokens"
-            )
-        limit, why = run.max_prompt_tokens, "grpo.max_prompt_tokens"
-        if context is not None and context - new_tokens < limit:
-            limit, why = context - new_tokens, f"the model's context {context} - rollout.max_new_tokens {new_tokens}"
-        prompts, over_long = limit_prompt_length(as_prompts(items, self.tokenizer), limit, run.over_long_prompts, why)
-        if run.curriculum != "none":
-            prompts = apply_curriculum(prompts, load_prompt_records(run.curriculum_records), run.curriculum)
-        if run.prompts_per_step % self.dist.world_size:
-            raise ConfigError(
-                f"config key 'grpo.prompts_per_step': {run.prompts_per_step} does not split "
+                f"config key 'grpo.prompts_per_step': {cfg.grpo.prompts_per_step} does not split "
                 f"over {self.dist.world_size} ranks"
             )
+        context = model_context(cfg.model.path)
+        prompts, over_long = prepare_prompts(items, self.tokenizer, cfg.grpo, context, cfg.rollout.max_new_tokens)
         if len(prompts) < self.dist.world_size:
             raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
         return prompts, over_long
@@ -329,32 +323,8 @@ class GRPOTrainer:
         return metrics
 
     def record_groups(self, groups: list[Group]) -> None:
-        """Per-prompt record (rewards and correctness of each group) for curriculum filtering, and the
-        completions themselves only when `run.log_completions` (on real data they hold patient text)."""
-        step = self.step + 1  # numbered as in metrics.jsonl
-        records = [
-            {
-                "step": step,
-                "prompt_id": g.prompt.id,
-                "rewards": g.rewards,
-                "correct": g.components.get(CORRECT, [float(r > 0) for r in g.rewards]),
-            }
-            for g in groups
-        ]
-        completions = []
-        if self.cfg.run.log_completions:
-            completions = [
-                {
-                    "step": step,
-                    "prompt_id": g.prompt.id,
-                    "completion": text,
-                    "reward": r,
-                    "finish_reason": c.finish_reason,
-                }
-                for g in groups
-                for text, r, c in zip(g.texts, g.rewards, g.completions)
-            ]
-        self.run_dir.record(records, completions)
+        """Per-prompt records for curriculum filtering; completions only when `run.log_completions`."""
+        self.run_dir.record(*group_records(groups, self.step + 1, self.cfg.run.log_completions))
 
     # ----------------------------------------------------------------------------- run, save, resume
 

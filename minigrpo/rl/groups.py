@@ -153,3 +153,30 @@ def fill_with_signal(
         dropped += len(fresh) - len(good)
         kept.extend(good)
     return kept[:want], dropped
+
+
+def group_records(groups: list[Group], step: int, with_completions: bool) -> tuple[list[dict], list[dict]]:
+    """(prompt records, completions) of a step's groups, numbered as metrics.jsonl numbers the step.
+
+    A prompt record holds the group's rewards and correctness (the `correct` component, else reward
+    > 0): the input of a later run's curriculum. Completions hold the sampled text, which on real data
+    is patient text: only when asked."""
+    records = [
+        {
+            "step": step,
+            "prompt_id": g.prompt.id,
+            "rewards": g.rewards,
+            "correct": g.components.get(CORRECT, [float(r > 0) for r in g.rewards]),
+        }
+        for g in groups
+    ]
+    completions = (
+        [
+            {"step": step, "prompt_id": g.prompt.id, "completion": text, "reward": r, "finish_reason": c.finish_reason}
+            for g in groups
+            for text, r, c in zip(g.texts, g.rewards, g.completions)
+        ]
+        if with_completions
+        else []
+    )
+    return records, completions

@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from minigrpo.config import ConfigError
 from minigrpo.seeding import derive_seed
 
 
@@ -74,6 +75,31 @@ def limit_prompt_length(
     if not kept:
         raise ValueError(f"no prompt left: all {len(prompts)} are longer than {max_tokens} tokens ({why})")
     return kept, len(over)
+
+
+def prepare_prompts(
+    items: Sequence[PromptLike], tokenizer, settings, context: int | None, max_new_tokens: int
+) -> tuple[list[Prompt], int]:
+    """A run's prompts: as token ids, cut to the length limit, filtered by the curriculum of `settings`
+    (a config.GRPOConfig). Returns (prompts, how many were over the limit).
+
+    Every prompt is checked here, at start, not when it is drawn: the limit is grpo.max_prompt_tokens
+    or the model's `context` minus rollout.max_new_tokens, whichever is smaller."""
+    if context is not None and context - max_new_tokens < 1:
+        raise ConfigError(
+            f"config key 'rollout.max_new_tokens': {max_new_tokens} leaves no room for a prompt "
+            f"in the model's context of {context} tokens"
+        )
+    limit, why = settings.max_prompt_tokens, "grpo.max_prompt_tokens"
+    if context is not None and context - max_new_tokens < limit:
+        limit, why = (
+            context - max_new_tokens,
+            f"the model's context {context} - rollout.max_new_tokens {max_new_tokens}",
+        )
+    prompts, over_long = limit_prompt_length(as_prompts(items, tokenizer), limit, settings.over_long_prompts, why)
+    if settings.curriculum != "none":
+        prompts = apply_curriculum(prompts, load_prompt_records(settings.curriculum_records), settings.curriculum)
+    return prompts, over_long
 
 
 # ----------------------------------------------------------------------------- curriculum
