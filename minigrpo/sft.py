@@ -18,7 +18,6 @@ checkpoints/ (resume with --resume), hf/.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from minigrpo.checkpoint import export_hf
 from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, check, load_config, section
 from minigrpo.config import split_cli, to_dict
 from minigrpo.dist import DistInfo, all_reduce_sum, init_distributed
+from minigrpo.help import print_help, wants_help
 from minigrpo.io import DataError, iter_jsonl
 from minigrpo.model import DTYPES, LogprobModel, load_model, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -79,6 +79,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check(bool(self.model.path), "model.path", "is required")
         check(bool(self.data.train_file), "data.train_file", "is required")
+        check(not self.run.log_completions, "run.log_completions", "SFT samples no completions to log")
 
 
 # ----------------------------------------------------------------------------- data
@@ -300,11 +301,8 @@ def train(cfg: SFTConfig, data: Prepared) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        defaults = SFTConfig(model=ModelConfig(path="PATH"), data=DataConfig(train_file="FILE"))
-        print("config sections and defaults:", json.dumps(to_dict(defaults), indent=2))
-        return 0
+    if wants_help(argv):
+        return print_help(__doc__, SFTConfig)
     from minigrpo.cli import run_command
 
     def body() -> None:
