@@ -1,0 +1,610 @@
+"""Seconds per GRPO step and per phase: minigrpo with the shared prompt on and off, TRL's GRPOTrainer, the floor.
+
+    python benchmarks/grpo_step.py --preset small --workloads short,long --steps 3 \\
+        --trl-python /tmp/trl-venv/bin/python --out /tmp/grpo_step.json
+    python benchmarks/grpo_step.py --workloads drg-demo --work-dir /tmp/gstep      # the DRG demo's GRPO section
+
+The contract (issue 12): 8 prompts x 8 samples x 64 new tokens at temperature 1, k3 KL at beta 0.04 against a
+frozen reference, DAPO token-mean, one update per batch (so no old-policy pass), AdamW at a constant lr 1e-5 with
+norm clipping at 1, fp32, the torch rollout engine, micro-batches of 8 completions (= G: each prompt is computed
+once). Workloads: `short` (prompts of 50-70 tokens: a hospital-course fragment in a chat turn) and `long` (600-900
+tokens: the DRG recipe's prompt around synthetic hospital courses, the DRG shape); the reward is the digits task's
+(examples/digits.py); the model is a random-init Qwen2 of `--preset` (minigrpo.tiny) whose tokenizer is trained on
+the recipe's text. `drg-demo` runs the GRPO section of recipes/drg/configs/demo.yaml on the demo's own model with
+the dense DRG reward (shared prompt on and off; in a tree without `grpo.shared_prompt`, the one layout it has).
+
+Interleaving: every trainer lives at once and takes one step in turn (the order rotating each round), after
+`--warmup` untimed steps, so load drifting on a shared machine hits all alike; medians are reported.
+
+TRL runs in its own interpreter (it is no dependency of minigrpo), driven step by step over a pipe:
+
+    python3 -m venv /tmp/trl-venv && /tmp/trl-venv/bin/pip install torch==2.13.0 trl transformers==5.19.0
+
+It gets the same model folder, prompt texts (tokenized by the same tokenizer), reward and config: num_generations 8,
+max_completion_length 64, beta 0.04, loss_type "dapo", 8 completions per micro-batch x 8 accumulation steps (64
+completions and one generation per optimizer step), temperature 1, HF generate (no vLLM), fp32 with bf16 and
+gradient checkpointing off (TRL turns both on by default), constant lr 1e-5. Its phases are timed by wrapping
+`_generate` + `_calculate_rewards` (generate) and `_get_per_token_logps_and_entropies` on the reference model;
+update = the rest of the step. TRL's generate uses the policy itself: it has no weight sync.
+
+The floor: the FLOPs of the tokens that must be processed (each prompt once per group, each completion token once,
+the LM head only on scored tokens) at the fp32 matmul rate measured in this run ([4096 x H] @ [H x 4H]). One forward
+= 2 x body params x decoder tokens + 2 x V x H x scored tokens; generation and the reference are one forward each,
+the update three (forward + backward). Attention FLOPs are not counted: the floor is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("generate", "reference", "old", "update", "sync")
+STEP_MARK = "GRPO_STEP_JSON "  # the TRL worker's result lines on stdout start with this
+WORKLOADS = {"short": (50, 70), "long": (600, 900)}  # prompt tokens, drawn uniformly per prompt
+G, P, NEW_TOKENS = 8, 8, 64  # samples per prompt, prompts per step, completion budget
+
+
+# ----------------------------------------------------------------------------- model and prompts
+
+
+def drg_cases(n: int, seed: int = 0, **knobs) -> list[dict]:
+    from recipes.drg.prep.synthetic import generate
+
+    return generate(n, seed=seed, **knobs)
+
+
+def build_model(out: Path, preset, cases: list[dict]) -> Path:
+    """A random Qwen2 of `preset`; its tokenizer learns the recipe's text, pseudo-words fill the vocabulary."""
+    if (out / "config.json").is_file():
+        return out
+    from benchmarks.rollout_throughput import corpus
+    from minigrpo.tiny import build_tiny
+    from recipes.drg.demo import tokenizer_corpus
+
+    texts = tokenizer_corpus(cases) + ([] if not isinstance(preset, str) else corpus())
+    return build_tiny(out, texts, preset, seed=0)
+
+
+def cut(tokenizer, text: str, tokens: int) -> str:
+    return tokenizer.decode(tokenizer(text)["input_ids"][: max(tokens, 1)])
+
+
+def wrap_prompt(tokenizer, workload: str, body: str) -> str:
+    """short: one user turn around the text; long: the DRG prompt (system prompt, DRG introduction, question)."""
+    from recipes.drg.prompts import build_prompt_text
+
+    if workload == "long":
+        return build_prompt_text(tokenizer, body)
+    turn = [{"role": "user", "content": "write digits: " + body}]
+    return tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+
+
+def make_prompt_texts(tokenizer, cases: list[dict], workload: str, n: int, seed: int = 0) -> list[str]:
+    """n prompt texts of the workload's length range: hospital courses (joined when one is too short), cut."""
+    lo, hi = WORKLOADS[workload]
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        target = rng.randint(lo, hi)
+        course, j = "", i
+        while len(tokenizer(course)["input_ids"]) < target:
+            course += cases[j % len(cases)]["problem"] + "\n\n"
+            j += 1
+        frame = len(tokenizer(wrap_prompt(tokenizer, workload, ""))["input_ids"])
+        texts.append(wrap_prompt(tokenizer, workload, cut(tokenizer, course, target - frame)))
+    return texts
+
+
+def matmul_rate(hidden: int, repeats: int = 3) -> float:
+    """fp32 FLOP/s of a [4096 x H] @ [H x 4H] GEMM (an MLP projection of a 4096-token micro-batch)."""
+    a, b = torch.randn(4096, hidden), torch.randn(hidden, 4 * hidden)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 4096 * hidden * 4 * hidden * repeats / (time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------- minigrpo
+
+
+def token_counts(groups, mbs) -> dict:
+    """Tokens of one step: needed (each prompt once per group), fed to the decoder, and LM-head rows."""
+    prompt = [len(g.completions[0].prompt_ids) for g in groups]
+    completion = [len(c.token_ids) for g in groups for c in g.completions]
+    rows = [mb.rows for mb in mbs]
+    head = sum(r.score_index.numel() if hasattr(r, "score_index") else int((r.targets != -100).sum()) for r in rows)
+    return {
+        "needed": sum(prompt) + sum(completion),
+        "scored": sum(completion),
+        "completion_tokens": sum(completion),
+        "prompt_tokens": sum(prompt),
+        # the torch engine prefills each prompt once (left-padded to the longest), then feeds every sampled token
+        # but the last of each completion
+        "generate_fed": len(prompt) * max(prompt) + sum(max(n - 1, 0) for n in completion),
+        "forward_fed": sum(r.input_tokens for r in rows),  # per pass (reference, update): real tokens
+        "forward_positions": sum(r.input_ids.numel() for r in rows),  # the same with padding
+        "head_rows": head,
+    }
+
+
+class MinigrpoVariant:
+    """One GRPOTrainer advanced one step per call; its metrics and token counts per step."""
+
+    def __init__(self, name: str, prompts, reward_fn, overrides: list[str], yaml_path: str | None):
+        from minigrpo.config import load_config
+        from minigrpo.trainer import GRPORunConfig, GRPOTrainer
+
+        self.name = name
+        self.trainer = GRPOTrainer(load_config(GRPORunConfig, yaml_path, overrides), prompts, reward_fn)
+        self.counts: list[dict] = []
+        pack = self.trainer.micro_batches
+
+        def counted(groups, adv):
+            mbs, step_counts = pack(groups, adv)
+            self.counts.append(token_counts(groups, mbs))
+            return mbs, step_counts
+
+        self.trainer.micro_batches = counted
+        self.steps = self.trainer.steps()
+
+    def step(self) -> dict:
+        _, metrics = next(self.steps)
+        seconds = {phase: float(metrics.get(f"time_{phase}", 0.0)) for phase in PHASES}
+        return {"seconds": seconds, "step": float(metrics["step_time"]), "tokens": self.counts[-1]}
+
+    def close(self) -> None:
+        self.steps.close()  # stops before the final export: nothing is written
+
+
+def minigrpo_overrides(model_dir: Path, out: Path, steps: int) -> list[str]:
+    return [
+        f"--model.path={model_dir}",
+        "--model.dtype=float32",
+        "--rollout.engine=torch",
+        f"--rollout.samples_per_prompt={G}",
+        f"--rollout.max_new_tokens={NEW_TOKENS}",
+        "--rollout.temperature=1.0",
+        "--loss.kl=k3",
+        "--loss.beta=0.04",
+        "--loss.aggregation=token_mean",
+        "--optim.lr=1e-5",
+        "--optim.max_grad_norm=1.0",
+        "--optim.schedule=constant",
+        f"--grpo.prompts_per_step={P}",
+        "--grpo.updates_per_batch=1",
+        "--grpo.max_prompt_tokens=1024",
+        "--grpo.shuffle=false",  # step k takes prompts 8k..8k+7, as TRL does without shuffling
+        f"--parallel.micro_batch_size={G}",
+        f"--run.output_dir={out}",
+        f"--run.steps={steps}",
+        "--run.save_every=-1",
+        "--run.log_every=1000",
+    ]
+
+
+def has_shared_prompt() -> bool:
+    from minigrpo.config import GRPOConfig
+
+    return "shared_prompt" in {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+# ----------------------------------------------------------------------------- TRL (its own interpreter)
+
+
+class TRLVariant:
+    """TRL's GRPOTrainer in a subprocess that takes one optimizer step per 'go' line and answers with its timings."""
+
+    name = "TRL"
+
+    def __init__(self, python: str, spec: dict, work: Path):
+        spec_path, self.log = work / "trl_spec.json", work / "trl_worker.log"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [python, __file__, "--trl-worker", str(spec_path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )
+        self.info = self._read()  # the worker is ready: TRL's version, its tokenization of the prompts
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(STEP_MARK):
+                return json.loads(line[len(STEP_MARK) :])
+        raise RuntimeError(f"the TRL worker ended (exit {self.proc.wait()}); see {self.log}")
+
+    def step(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=600)
+
+
+def trl_worker(spec_path: str) -> None:
+    """Runs under the TRL interpreter: only torch, transformers, datasets and trl are imported."""
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer, __version__
+
+    from examples.digits import digit_fraction
+
+    def emit(record: dict) -> None:
+        print(STEP_MARK + json.dumps(record), flush=True)
+
+    def reward(prompts, completions, **kwargs):
+        return [digit_fraction(c) for c in completions]
+
+    args = GRPOConfig(
+        output_dir=spec["out"],
+        per_device_train_batch_size=G,
+        gradient_accumulation_steps=P,
+        num_generations=G,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.04,
+        loss_type="dapo",
+        epsilon=0.2,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        max_steps=spec["steps"],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        shuffle_dataset=False,
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+    )
+    dataset = Dataset.from_dict({"prompt": spec["prompts"]})
+    trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward, args=args, train_dataset=dataset)
+    seconds, tokens = {}, {}
+
+    def add(table: dict, key: str, value: float) -> None:
+        table[key] = table.get(key, 0) + value
+
+    def timed(phase_of, fn):
+        """fn, its seconds added to the phase that phase_of(*args, **kwargs) names."""
+
+        def wrapper(*args, **kwargs):
+            phase = phase_of(*args, **kwargs)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            add(seconds, phase, time.perf_counter() - start)
+            return out
+
+        return wrapper
+
+    def logps_phase(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs) -> str:
+        """reference (the frozen model), forward (the loss's, with grad; part of update) or old."""
+        phase = "reference" if model is trainer.ref_model else "forward" if torch.is_grad_enabled() else "old"
+        add(tokens, f"{phase}_positions", input_ids.numel())
+        add(tokens, f"{phase}_fed", int(attention_mask.sum()))
+        add(tokens, f"{phase}_head_rows", input_ids.shape[0] * logits_to_keep)
+        return phase
+
+    generate_one = trainer._generate_single_turn
+
+    def counted_generate(prompt_ids, *a, **k):
+        completion_ids, logprobs = generate_one(prompt_ids, *a, **k)
+        longest = max(len(c) for c in completion_ids)  # HF generate feeds every row until all are done
+        add(tokens, "generate_fed", len(prompt_ids) * (max(map(len, prompt_ids)) + max(longest - 1, 0)))
+        add(tokens, "completion_tokens", sum(map(len, completion_ids)))
+        return completion_ids, logprobs
+
+    trainer._generate_single_turn = counted_generate
+    trainer._generate = timed(lambda *args, **kwargs: "generate", trainer._generate)
+    trainer._calculate_rewards = timed(lambda *args, **kwargs: "generate", trainer._calculate_rewards)
+    trainer._get_per_token_logps_and_entropies = timed(logps_phase, trainer._get_per_token_logps_and_entropies)
+
+    class Lockstep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit(0)
+            seconds.clear()
+            tokens.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = time.perf_counter() - self.start
+            phases = {
+                "generate": seconds.get("generate", 0.0),
+                "reference": seconds.get("reference", 0.0),
+                "old": seconds.get("old", 0.0),
+                "sync": 0.0,
+            }
+            phases["update"] = step - sum(phases.values())  # loss forwards, backwards, optimizer, the rest
+            emit({"seconds": phases, "step": step, "tokens": dict(tokens)})
+
+    trainer.add_callback(Lockstep())
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    prompt_tokens = [len(ids) for ids in tokenizer(spec["prompts"])["input_ids"]]
+    emit({"trl": __version__, "prompt_tokens": prompt_tokens, "threads": torch.get_num_threads()})
+    trainer.train()
+
+
+# ----------------------------------------------------------------------------- one workload
+
+
+def model_shape(model_dir: Path) -> dict:
+    """Parameter counts: the decoder body runs on every fed token, the head (V x H) only on scored ones."""
+    from safetensors import safe_open
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        params = sum(torch.Size(f.get_slice(name).get_shape()).numel() for name in f.keys())  # noqa: SIM118
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    head = vocab * hidden
+    body = params - head * (1 if cfg.get("tie_word_embeddings", True) else 2)  # an embedding lookup is no matmul
+    shape = {"params": params, "body_params": body, "head_params": head, "vocab": vocab, "hidden": hidden}
+    return shape | {"layers": cfg["num_hidden_layers"]}
+
+
+def floor_seconds(tokens: dict, shape: dict, rate: float) -> dict:
+    """Seconds per phase for the FLOPs that must be done (see the module docstring)."""
+    forward = 2 * shape["body_params"] * tokens["needed"] + 2 * shape["head_params"] * tokens["scored"]
+    flops = {"generate": forward, "reference": forward, "old": 0.0, "update": 3 * forward, "sync": 0.0}
+    return {phase: flops[phase] / rate for phase in PHASES}
+
+
+def cached_cases(path: Path, n: int, **knobs) -> list[dict]:
+    if not path.is_file():
+        path.write_text(json.dumps(drg_cases(n, **knobs)))
+    return json.loads(path.read_text())
+
+
+def contract_setup(workload: str, args, work: Path, steps: int):
+    """(model folder, minigrpo prompts, TRL prompt texts, reward fn, YAML path, overrides) for short / long."""
+    from examples.digits import reward_fn
+    from minigrpo.model import load_tokenizer
+
+    cases = cached_cases(work / "cases.json", 256, difficulty="medium")
+    model_dir = Path(args.model) if args.model else build_model(work / f"model-{args.preset}", args.preset, cases)
+    texts = make_prompt_texts(load_tokenizer(model_dir), cases, workload, P * steps)
+    return model_dir, texts, texts, reward_fn, None, minigrpo_overrides(model_dir, work / "runs", steps)
+
+
+def demo_setup(args, work: Path, steps: int):
+    """The same for the DRG demo: its cases and model (as demo.py makes them), its GRPO section and reward."""
+    import yaml
+
+    from minigrpo.model import load_tokenizer
+    from minigrpo.rl.prompts import Prompt
+    from minigrpo.tiny import TinyPreset
+    from recipes.drg.prompts import build_prompt_ids
+    from recipes.drg.rewards import make_reward
+
+    demo = yaml.safe_load((ROOT / "recipes/drg/configs/demo.yaml").read_text())
+    setup, grpo = demo["demo"], dict(demo["grpo"])
+    splits = [setup["sft_cases"], setup["grpo_cases"], setup["test_cases"]]
+    knobs = {"seed": setup["seed"], "difficulty": setup["difficulty"], "principals": setup["principals"] or None}
+    cases = cached_cases(work / "demo_cases.json", sum(splits), num_drgs=setup["num_drgs"] or None, **knobs)
+    sft, train = cases[: splits[0]], cases[splits[0] : splits[0] + splits[1]]
+    model_dir = (
+        Path(args.model) if args.model else build_model(work / "model-drg-demo", TinyPreset(**demo["model"]), sft)
+    )
+    tokenizer = load_tokenizer(model_dir)
+    prompts = [
+        Prompt(f"case{i}", build_prompt_ids(tokenizer, case["problem"]), {"solution": case["solution"]})
+        for i, case in enumerate(train)
+    ]
+    reward_fn = make_reward(grpo.pop("data")["reward"])
+    yaml_path = work / "demo_grpo.yaml"
+    yaml_path.write_text(yaml.safe_dump(grpo))
+    run = [f"--run.steps={steps}", "--run.save_every=-1", "--run.log_every=1000"]
+    return model_dir, prompts, None, reward_fn, str(yaml_path), [f"--model.path={model_dir}", *run]
+
+
+def summarize(records: list[dict]) -> dict:
+    med = statistics.median
+    tokens = {k: med([r["tokens"].get(k, 0) for r in records]) for k in records[0]["tokens"]}
+    seconds = {phase: med([r["seconds"][phase] for r in records]) for phase in PHASES}
+    return {"seconds": seconds, "step": med([r["step"] for r in records]), "tokens": tokens}
+
+
+def run_workload(workload: str, args, work: Path) -> dict:
+    steps = args.warmup + args.steps
+    if workload == "drg-demo":
+        model_dir, prompts, texts, reward_fn, yaml_path, overrides = demo_setup(args, work, steps)
+    else:
+        model_dir, prompts, texts, reward_fn, yaml_path, overrides = contract_setup(workload, args, work, steps)
+    shape = model_shape(model_dir)
+    trl = None
+    if texts is not None and args.trl_python:  # started first: its start-up is over before anything is timed
+        spec = {"model": str(model_dir), "prompts": texts, "steps": steps, "threads": torch.get_num_threads()}
+        trl = TRLVariant(args.trl_python, spec | {"out": str(work / "trl")}, work)
+    layouts = {"shared": "true", "unshared": "false"} if has_shared_prompt() else {"minigrpo": None}
+    variants = []
+    for name, shared in layouts.items():
+        extra = [f"--run.output_dir={work / 'runs' / workload / name}"]
+        extra += [] if shared is None else [f"--grpo.shared_prompt={shared}"]
+        variants.append(MinigrpoVariant(name, prompts, reward_fn, overrides + extra, yaml_path))
+    prompt_tokens = [len(p.ids) for p in variants[0].trainer.prompts[: P * steps]]
+    variants += [trl] if trl else []
+    records = {v.name: [] for v in variants}
+    rates, loads = [], []
+    try:
+        for _ in range(args.warmup):
+            for v in variants:
+                v.step()
+        for r in range(args.steps):
+            rates.append(matmul_rate(shape["hidden"]))
+            loads.append(os.getloadavg()[0])
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # rotate who goes first
+                records[v.name].append(v.step())
+    finally:
+        for v in variants:
+            v.close()
+    result = {name: summarize(rs) | {"per_step": rs} for name, rs in records.items()}
+    needed = result[next(iter(layouts))]["tokens"]
+    return {
+        "workload": workload,
+        "model": str(model_dir),
+        "shape": shape,
+        "prompt_tokens": prompt_tokens,
+        "trl": trl.info if trl else None,
+        "matmul_flops": rates,
+        "load_average_1min": loads,
+        "floor": floor_seconds(needed, shape, statistics.median(rates)),
+        "variants": result,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def phase_seconds(summary: dict, phase: str) -> float:
+    """Median seconds of a phase; `other` is the step's time outside the five phases (packing, logging)."""
+    if phase == "step":
+        return summary["step"]
+    if phase == "other":
+        return summary["step"] - sum(summary["seconds"].values())
+    return summary["seconds"][phase]
+
+
+TRL_TOKENS = {  # TRL's counts are read off its reference pass (its loss forward reads the same rows)
+    "generate_fed": "generate_fed",
+    "forward_fed": "reference_fed",
+    "forward_positions": "reference_positions",
+    "head_rows": "reference_head_rows",
+}
+
+
+def report(res: dict) -> str:
+    variants, shape, floor, rates = res["variants"], res["shape"], res["floor"], res["matmul_flops"]
+    names, lengths, load = list(variants), res["prompt_tokens"], res["load_average_1min"]
+    tokens = variants[names[0]]["tokens"]
+    hidden, gflops = shape["hidden"], [r / 1e9 for r in rates]
+    head = f"== {res['workload']}: {len(lengths)} prompts of {min(lengths)}-{max(lengths)} tokens (median "
+    head += f"{statistics.median(lengths):.0f}), {tokens['completion_tokens']:.0f} completion tokens per step (median)"
+    rate = f"fp32 matmul [4096 x {hidden}] @ [{hidden} x {4 * hidden}]: {statistics.median(gflops):.1f} GFLOP/s "
+    rate += f"(median; {min(gflops):.1f}-{max(gflops):.1f}); 1-minute load average {min(load):.1f}-{max(load):.1f}"
+    lines = [head, rate]
+    if res["trl"]:
+        same = "the same" if res["trl"]["prompt_tokens"][: len(lengths)] == lengths else "OTHER"
+        lines.append(f"TRL {res['trl']['trl']}: the prompt texts tokenize to {same} lengths there")
+    rows = [["tokens per step (median)", "needed", *names]]
+    for label, key, needed in [
+        ("generate: fed to the decoder", "generate_fed", tokens["needed"]),
+        ("reference, update pass: fed", "forward_fed", tokens["needed"]),
+        ("  positions with padding", "forward_positions", tokens["needed"]),
+        ("LM-head rows per pass", "head_rows", tokens["scored"]),
+    ]:
+        counts = [variants[n]["tokens"].get(TRL_TOKENS[key] if n == "TRL" else key, 0) for n in names]
+        rows.append([label, f"{needed:,.0f}", *[f"{c:,.0f}" for c in counts]])
+    lines.append(table(rows))
+    base, others = names[0], names[1:]
+    rows = [["seconds (median)", *names, "floor", *[f"{n}/{base}" for n in others], f"{base}/floor"]]
+    for phase in (*PHASES, "other", "step"):
+        low = sum(floor.values()) if phase == "step" else floor.get(phase, 0.0)
+        ours = phase_seconds(variants[base], phase)
+        row = [phase, *[f"{phase_seconds(variants[n], phase):.2f}" for n in names], f"{low:.2f}"]
+        row += [f"x{phase_seconds(variants[n], phase) / ours:.2f}" if ours > 0.005 else "-" for n in others]
+        rows.append([*row, f"x{ours / low:.1f}" if low > 0 else "-"])
+    lines.append(table(rows))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL's side from this spec file
+    ap.add_argument("--workloads", default="short,long", help="comma-separated: short, long, drg-demo")
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "base"], help="minigrpo.tiny preset")
+    ap.add_argument("--model", help="an existing HF model folder instead of the random preset model")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per trainer (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per trainer first")
+    ap.add_argument("--trl-python", help="interpreter of a venv with trl (see the module docstring)")
+    ap.add_argument("--work-dir", help="model, cases and run folders, kept and reused (default: a new temp dir)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.trl_worker:
+        return trl_worker(args.trl_worker)
+    from benchmarks._device import describe
+    from minigrpo.dist import destroy_distributed
+
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="grpo_step."))
+    work.mkdir(parents=True, exist_ok=True)
+    device = describe("cpu")
+    head = f"shared prompt {'on and off' if has_shared_prompt() else 'absent (per-completion rows)'}"
+    print(f"device: {device}\ncheckout: {commit()} ({head}); work dir {work}")
+    print(
+        f"contract: {P} prompts x {G} samples x {NEW_TOKENS} new tokens, T 1, k3 KL beta 0.04, DAPO token-mean, "
+        f"AdamW lr 1e-5, fp32, torch engine, micro-batch {G}; drg-demo: recipes/drg/configs/demo.yaml's grpo "
+        f"section"
+    )
+    print(f"timing: median of {args.steps} steps per trainer after {args.warmup} warm-up, interleaved step by step")
+    results = []
+    try:
+        for workload in args.workloads.split(","):
+            results.append(run_workload(workload, args, work))
+            shape = results[-1]["shape"]
+            print(
+                f"model: {results[-1]['model']}: {shape['params'] / 1e6:.1f}M params ({shape['layers']} layers, "
+                f"hidden {shape['hidden']}, vocab {shape['vocab']}; body {shape['body_params'] / 1e6:.1f}M)"
+            )
+            print(report(results[-1]), flush=True)
+    finally:
+        destroy_distributed()
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device, "commit": commit(), "argv": sys.argv}
+        Path(args.out).write_text(json.dumps(meta | {"results": results}, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
