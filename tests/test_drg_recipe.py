@@ -21,6 +21,10 @@ def config_class(path: Path):
 
     if path.name == "demo.yaml":
         return DemoConfig
+    if path.name == "study.yaml":
+        from recipes.drg.study import StudyConfig
+
+        return StudyConfig
     if path.name.startswith("sft"):
         return DrgSFTConfig
     return DrgTrainConfig

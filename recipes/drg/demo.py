@@ -165,16 +165,18 @@ def make_data_and_model(cfg: DemoConfig, out: Path, main_rank: bool) -> tuple[di
 # ----------------------------------------------------------------------------- phases 2 and 4: SFT, GRPO
 
 
-def sft_config(cfg: DemoConfig, model_dir: Path, cases: Path, out: Path) -> DrgSFTConfig:
-    return replace(cfg.sft, model=replace(cfg.sft.model, path=str(model_dir)),
-                   cases=replace(cfg.sft.cases, train_file=str(cases)),
-                   run=replace(cfg.sft.run, output_dir=str(out), seed=cfg.demo.seed))
+def sft_config(base: DrgSFTConfig, model_dir: str | Path, cases: Path, out: Path, seed: int) -> DrgSFTConfig:
+    """`base` with its model, cases, output folder and seed filled in (the demo's and the study's SFT runs)."""
+    return replace(base, model=replace(base.model, path=str(model_dir)),
+                   cases=replace(base.cases, train_file=str(cases)),
+                   run=replace(base.run, output_dir=str(out), seed=seed))
 
 
-def grpo_config(cfg: DemoConfig, model_dir: str, cases: Path, out: Path) -> DrgTrainConfig:
-    return replace(cfg.grpo, model=replace(cfg.grpo.model, path=model_dir),
-                   data=replace(cfg.grpo.data, train_file=str(cases)),
-                   run=replace(cfg.grpo.run, output_dir=str(out), seed=cfg.demo.seed))
+def grpo_config(base: DrgTrainConfig, model_dir: str | Path, cases: Path, out: Path, seed: int) -> DrgTrainConfig:
+    """`base` with its model, cases, output folder and seed filled in (the demo's and the study's GRPO runs)."""
+    return replace(base, model=replace(base.model, path=str(model_dir)),
+                   data=replace(base.data, train_file=str(cases)),
+                   run=replace(base.run, output_dir=str(out), seed=seed))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -203,7 +205,7 @@ def run(cfg: DemoConfig) -> dict:
     test_cases = read_cases(data["test"])
 
     banner(2, "SFT (CoT rows" + (" + knowledge rows)" if cfg.sft.cases.knowledge else ")"))
-    sft.run(sft_config(cfg, model_dir, data["sft"], out / "sft"))
+    sft.run(sft_config(cfg.sft, model_dir, data["sft"], out / "sft", cfg.demo.seed))
     sft_model = str(out / "sft" / "hf")
     banner(3, "evaluate the SFT model")
     evals = {"SFT": evaluate_model(sft_model, test_cases, cfg.eval)}
@@ -211,7 +213,7 @@ def run(cfg: DemoConfig) -> dict:
         print(format_table({"SFT": evals["SFT"]}, cfg.eval.k), flush=True)
 
     banner(4, "GRPO")
-    history = grpo_run.run(grpo_config(cfg, sft_model, data["grpo"], out / "grpo"))
+    history = grpo_run.run(grpo_config(cfg.grpo, sft_model, data["grpo"], out / "grpo", cfg.demo.seed))
     banner(5, "evaluate the GRPO model")
     evals["SFT+GRPO"] = evaluate_model(str(out / "grpo" / "hf"), test_cases, cfg.eval)
 
