@@ -9,7 +9,8 @@ from pathlib import Path
 
 from minigrpo.io import atomic_write_text, write_json_atomic
 
-from recipes.drg.evaluate import format_table
+from recipes.drg.evaluate import LEVEL_NAMES, format_table
+from recipes.drg.evaluate_metrics import paired_bootstrap
 from recipes.drg.plot import plot_metrics
 
 
@@ -49,6 +50,25 @@ def history_rows(history: list[dict]) -> list[dict]:
     return [{"step": i + 1, **h} for i, h in enumerate(history)]
 
 
+def grpo_gains(evals: dict, keys=("drg/pass@1", "drg/maj@k", "drg/pass@k", "base/pass@1", "severity/pass@1")) -> dict:
+    """SFT -> SFT+GRPO per metric: the paired 95% bootstrap interval of the difference over the test cases."""
+    before, after = evals["SFT"]["per_case"], evals["SFT+GRPO"]["per_case"]
+    return {key: paired_bootstrap(before[key], after[key]) for key in keys}
+
+
+def gain_line(gains: dict, k: int) -> str:
+    parts = []
+    for key, d in gains.items():
+        level, metric = key.split("/")
+        name = metric.replace("@k", f"@{k}").replace("pass", "Pass").replace("maj", "Maj")
+        parts.append(f"{LEVEL_NAMES[level]} {name} {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
+    drg = gains["drg/pass@1"]
+    half = 100 * (drg["high"] - drg["low"]) / 2
+    verdict = "exceeds" if abs(100 * drg["mean"]) > half else "does not exceed"
+    return (f"GRPO gain, SFT -> SFT+GRPO (points; paired 95% bootstrap interval over the {drg['n']} test cases): "
+            + "; ".join(parts) + f". The DRG Pass@1 gain {verdict} the interval's half-width ({half:.1f}).")
+
+
 def summary_markdown(cfg, evals: dict, grpo: dict, times: dict, data_info: dict, plot: Path | None) -> str:
     steps, w = grpo["steps"], max(1, min(5, grpo["steps"] // 2 or 1))
     cases = f"{data_info['sft_cases']} SFT / {data_info['grpo_cases']} GRPO / {data_info['test_cases']} test cases"
@@ -59,6 +79,8 @@ def summary_markdown(cfg, evals: dict, grpo: dict, times: dict, data_info: dict,
         f"top-p={cfg.eval.top_p}. Percent.",
         "",
         format_table(evals, cfg.eval.k),
+        "",
+        gain_line(grpo["gains"], cfg.eval.k),
         "",
         f"GRPO {steps} steps: mean reward {grpo['reward_first']:.3f} (first {w} steps) -> "
         f"{grpo['reward_last']:.3f} (last {w}); "
@@ -80,6 +102,7 @@ def write_summary(out: Path, cfg, evals: dict, history: list[dict], times: dict,
         "accuracy_first": first_accuracy, "accuracy_last": last_accuracy,
         "reward_mean_per_step": [h["reward_mean"] for h in history],
         "accuracy_per_step": [h.get("accuracy") for h in history],
+        "gains": grpo_gains(evals),
     }
     summary = {"eval": evals, "grpo": grpo, "data": data_info, "seconds": times, "config": asdict(cfg)}
     write_json_atomic(out / "summary.json", summary)

@@ -24,7 +24,7 @@ from recipes.drg.rewards import FORMAT_FAIL
 
 KEYS = [f"{level}/{metric}" for level in LEVELS for metric in METRICS]
 LEVEL_TITLES = {"drg": "DRG", "base": "base DRG (principal diagnosis)", "severity": "CC/MCC status"}
-PAPER_ROW = {"label": "paper, Table 2, 75% SFT (MIMIC-IV, Qwen2.5-7B)", "sft": (46.5, 76.2, 52.8),
+PAPER_ROW = {"label": "Table 2, 75% SFT row, MIMIC-IV, Qwen2.5-7B", "sft": (46.5, 76.2, 52.8),
              "grpo": (53.5, 64.9, 54.6)}
 
 
