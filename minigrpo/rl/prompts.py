@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 import torch
 
 from minigrpo.config import ConfigError
+from minigrpo.io import DataError
 from minigrpo.seeding import derive_seed
 
 
@@ -73,7 +74,7 @@ def limit_prompt_length(
             stacklevel=2,
         )
     if not kept:
-        raise ValueError(f"no prompt left: all {len(prompts)} are longer than {max_tokens} tokens ({why})")
+        raise DataError(f"no prompt left: all {len(prompts)} are longer than {max_tokens} tokens ({why})")
     return kept, len(over)
 
 
@@ -108,7 +109,7 @@ def prepare_prompts(
 def load_prompt_records(path: str | os.PathLike) -> dict[str, list[float]]:
     """A previous run's per-prompt record (`prompt_records.jsonl`): prompt id -> rewards of its last group."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"curriculum records not found: {path}")
+        raise DataError(f"curriculum records not found: {path}")
     records: dict[str, list[float]] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -118,7 +119,7 @@ def load_prompt_records(path: str | os.PathLike) -> dict[str, list[float]]:
                 row = json.loads(line)
                 records[str(row["prompt_id"])] = [float(x) for x in row["correct"]]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: malformed record ({e})") from None
+                raise DataError(f"{path}:{n}: malformed record ({e})") from None
     return records
 
 
