@@ -76,7 +76,7 @@ stage() {
         124|137) status="TIMEOUT (${limit}s)"; FAILED=1 ;;
         *) status="FAIL (exit $rc)"; FAILED=1 ;;
     esac
-    tail -n 12 "$log"
+    tail -n +3 "$log" | tail -n 12
     ROWS+=("| $name | $status | $(( $(date +%s) - start )) | $limit | $name.txt |")
     echo "== $name: $status"
 }
