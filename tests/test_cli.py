@@ -257,3 +257,21 @@ def test_workers_stop_when_their_launcher_is_killed(tiny_model_dir, tmp_path):
     assert "stopped (the torchrun launcher" in errors.read_text()
     last = (out / "checkpoints" / "latest").read_text()
     verify_manifest(out / "checkpoints" / last)  # the last checkpoint is intact
+
+
+def test_sigterm_to_torchrun_stops_every_worker_with_one_line(tiny_model_dir, tmp_path):
+    train, out = _jsonl(tmp_path / "train.jsonl", ROWS), tmp_path / "run"
+    errors = tmp_path / "stderr.txt"
+    launcher = _start(_torchrun(sft_args(tiny_model_dir, train, out, "--run.steps=100000", "--run.save_every=2")),
+                      errors)
+    _wait_for_line(launcher, r"^step 3/")
+    workers = _children(launcher.pid)
+    launcher.terminate()  # torchrun passes SIGTERM on to its workers
+    launcher.stdout.read()
+    launcher.wait(timeout=90)
+    assert not [w for w in workers if _alive(w)]
+    err = errors.read_text()
+    assert len(re.findall(r"^interrupted \(SIGTERM\) at step \d+; the last checkpoint is step \d+", err, re.M)) == 1, err
+    # no worker traceback (what follows the line is the launcher's own SignalException report)
+    assert "KeyboardInterrupt" not in err and "Interrupted" not in err, err
+    verify_manifest(out / "checkpoints" / (out / "checkpoints" / "latest").read_text())
