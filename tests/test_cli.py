@@ -271,7 +271,8 @@ def test_sigterm_to_torchrun_stops_every_worker_with_one_line(tiny_model_dir, tm
     launcher.wait(timeout=90)
     assert not [w for w in workers if _alive(w)]
     err = errors.read_text()
-    assert len(re.findall(r"^interrupted \(SIGTERM\) at step \d+; the last checkpoint is step \d+", err, re.M)) == 1, err
+    lines = re.findall(r"^interrupted \(SIGTERM\) at step \d+; the last checkpoint is step \d+", err, re.M)
+    assert len(lines) == 1, err  # rank 0's; rank 1 stops quietly
     # no worker traceback (what follows the line is the launcher's own SignalException report)
     assert "KeyboardInterrupt" not in err and "Interrupted" not in err, err
     verify_manifest(out / "checkpoints" / (out / "checkpoints" / "latest").read_text())
