@@ -106,6 +106,10 @@ class RunDir:
             meta = broadcast_object(read_meta(self.resume_path) if self.is_main else None)
             self.start_step = int(meta["step"])
             self._compare(meta)
+            newer = [p.name for p in complete_checkpoints(self.checkpoints) if int(p.name[5:]) > self.start_step]
+            if newer:
+                self.notes.append(f"resuming from step {self.start_step}: the newer {', '.join(reversed(newer))} "
+                                  "will be replaced as the run reaches them")
         self.last_saved = self.start_step if self.resume_path is not None else None
         if self.is_main:
             for note in self.notes:

@@ -113,6 +113,7 @@ def test_damaged_latest_stops_and_names_the_checkpoint_that_verifies(finished):
     assert folder_hashes(finished) == before
     run = RunDir(run_cfg(finished, resume=True, resume_from="step_000004"), CONFIG, DATA)
     assert run.start_step == 4
+    assert "the newer step_000006 will be replaced as the run reaches them" in " ".join(run.notes)  # said, not silent
 
 
 def test_no_checkpoint_verifies(finished):
