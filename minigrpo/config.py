@@ -93,6 +93,9 @@ class RolloutConfig:
     # auto: bfloat16 on CUDA, float32 on CPU (exact against the fp32 trainer); bfloat16 on a CPU with
     # AVX512-BF16 / AMX is faster, and its log-probs differ from fp32 (see benchmarks/results/bf16_cpu.md)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # 0: generate, train, sync. k >= 1: the next step's batch is generated while this one trains, from
+    # weights one version behind (one batch in flight: never more than 1 behind; see rl/pipeline.py)
+    max_staleness: int = 0
     # torch engine only: rows (prompts x samples) decoded per pass, which bounds its static KV cache
     # (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); 0 = every row in one pass
     max_batch_rows: int = 0
@@ -109,6 +112,10 @@ class RolloutConfig:
         check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        check(self.max_staleness >= 0, "rollout.max_staleness", f"must be >= 0, got {self.max_staleness}")
+        check(self.max_staleness == 0 or self.engine != "vllm", "rollout.max_staleness",
+              "needs an engine that can generate while the process trains: torch or vllm_server, not the "
+              "in-process vllm engine")
         check(self.max_batch_rows >= 0, "rollout.max_batch_rows", "must be >= 0 (0 = every row in one pass)")
         check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         check(self.kv_cache_memory_gb > 0, "rollout.kv_cache_memory_gb", "must be > 0")
@@ -127,7 +134,9 @@ class LossConfig:
     beta_schedule: str = "constant"  # grpo.BETA_SCHEDULES
     max_log_ratio: float = 20.0
     # Sampler-mismatch correction: token t's surrogate weighted by w(rho), rho = pi_old / pi_sampler.
-    sampler_correction: str = "none"  # "none" or a key of grpo.SAMPLER_CORRECTIONS (tis, mis, decoupled)
+    # "none", a key of grpo.SAMPLER_CORRECTIONS (tis, mis, decoupled), or "auto": none for synchronous
+    # runs, decoupled PPO (AReaL) when rollout.max_staleness >= 1
+    sampler_correction: str = "auto"
     correction_level: str = "token"  # grpo.CORRECTION_LEVELS: token, or sequence (rho = product over a completion)
     correction_low: float = 0.0  # mis: lower end of the kept band (IcePop: 0.5)
     correction_high: float = 2.0  # tis: the truncation C (verl: 2); mis: band's upper end (IcePop: 5); decoupled: cap
@@ -138,7 +147,7 @@ class LossConfig:
                               ("correction_level", grpo.CORRECTION_LEVELS)):
             value = getattr(self, key)
             check(value in registry, f"loss.{key}", f"must be one of {list(registry)}, got {value!r}")
-        corrections = ["none", *grpo.SAMPLER_CORRECTIONS]
+        corrections = ["auto", "none", *grpo.SAMPLER_CORRECTIONS]
         check(self.sampler_correction in corrections, "loss.sampler_correction",
               f"must be one of {corrections}, got {self.sampler_correction!r}")
         # each band must hold rho = 1, so that a sampler equal to the trainer leaves the loss unchanged

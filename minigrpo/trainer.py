@@ -18,7 +18,7 @@ import math
 import random
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -43,6 +43,7 @@ from minigrpo.rl.groups import (
     resample_groups,
 )
 from minigrpo.rl.micro_batches import RLMicroBatch, pack_groups
+from minigrpo.rl.pipeline import RolloutPipeline
 from minigrpo.rl.prompts import PromptLike, PromptStream, prepare_prompts
 from minigrpo.rl.stats import StepStats
 from minigrpo.rollout import SamplingParams, engine_dtype, make_engine
@@ -65,6 +66,15 @@ class GRPORunConfig:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def sampler_correction(loss: LossConfig, max_staleness: int) -> tuple[Callable | None, Callable]:
+    """(weight function or None, ratio level) of `loss.sampler_correction`; "auto" is none for synchronous
+    runs and, for stale batches, decoupled PPO (AReaL) at the token level, TIS at the sequence level."""
+    name = loss.sampler_correction
+    if name == "auto":
+        name = "none" if max_staleness == 0 else ("decoupled" if loss.correction_level == "token" else "tis")
+    return grpo.SAMPLER_CORRECTIONS.get(name), grpo.CORRECTION_LEVELS[loss.correction_level]
 
 
 class PhaseTimer:
@@ -110,6 +120,7 @@ class GRPOTrainer:
         self.beta_schedule = grpo.BETA_SCHEDULES[cfg.loss.beta_schedule]
         self.kl = grpo.KL_ESTIMATORS[cfg.loss.kl]
         self.aggregation = grpo.AGGREGATIONS[cfg.loss.aggregation]
+        self.weigh, self.level = sampler_correction(cfg.loss, cfg.rollout.max_staleness)
         self.shared_prompt = cfg.grpo.shared_prompt and model.attn_implementation in ("sdpa", "eager")
         if cfg.grpo.shared_prompt and not self.shared_prompt:
             warnings.warn(
@@ -128,6 +139,8 @@ class GRPOTrainer:
         self.source = GroupSource(
             self.engine, self._decode, reward_fn, self._sampling(), samples, base_seed=cfg.run.seed, rank=self.dist.rank
         )
+        self.pipeline = RolloutPipeline(self._generate, cfg.rollout.max_staleness)
+        self._state_before_prefetch: dict = {}
         self.step = self.optimizer_steps = 0
         self.peak = peak_flops(self.dist.device)
 
@@ -173,7 +186,6 @@ class GRPOTrainer:
         """Generate and score this rank's groups; dynamic resampling or DAPO filtering if configured."""
         run = self.cfg.grpo
         per_rank = run.prompts_per_step // self.dist.world_size
-        self.source.start_step(self.step)
         groups = self.source.generate(self._draw(per_rank))
         info = RolloutInfo(groups_generated=len(groups), resampled=run.dynamic_resampling != "off")
         if info.resampled:
@@ -192,6 +204,18 @@ class GRPOTrainer:
                 self.source, groups, self._draw, per_rank, run.filter_max_rounds
             )
         return groups, info
+
+    def _generate(self, step: int) -> tuple[list[Group], RolloutInfo]:
+        """The rollout of `step` (the pipeline calls it, in a background thread when prefetching)."""
+        self.source.start_step(step)
+        return self.rollout()
+
+    def _prefetch(self) -> None:
+        """With rollout.max_staleness >= 1: start generating the next step's batch now, from the current
+        weights, remembering the loop state from before its draw (what a checkpoint of this step holds)."""
+        if self.cfg.rollout.max_staleness and self.step + 1 < self.total_steps:
+            self._state_before_prefetch = self._loop_state()
+            self.pipeline.prefetch(self.step + 1, self.engine.version)
 
     def _draw(self, k: int) -> list:
         return [self.prompts[i] for i in self.stream.take(k)]
@@ -235,16 +259,23 @@ class GRPOTrainer:
             kl=self.kl,
             max_log_ratio=loss_cfg.max_log_ratio,
         )
+        correct = dict(low=loss_cfg.correction_low, high=loss_cfg.correction_high, max_log_ratio=loss_cfg.max_log_ratio)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.dist.device)
         for i, mb in enumerate(mbs):
             logp, entropy = self._forward(self.policy, mb, return_entropy=True)
             old = mb.old_logp if mb.old_logp is not None else logp.detach()  # strictly on-policy: ratio 1
-            loss = grpo.grpo_loss(logp, old, mb.adv, mb.mask, aggregate, ref_logp=mb.ref_logp, beta=beta, **terms)
+            # pi_old / sampler on every token; its weights enter the loss only with a correction chosen
+            correction = grpo.sampler_correction(old, mb.sampler_logp, mb.mask, self.weigh, self.level, **correct)
+            weights = correction.weights if self.weigh is not None else None
+            loss = grpo.grpo_loss(
+                logp, old, mb.adv, mb.mask, aggregate, ref_logp=mb.ref_logp, beta=beta, weights=weights, **terms
+            )
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
             loss.backward()
-            stats.add(
-                loss, grpo.loss_stats(logp, old, mb.adv, mb.mask, ref_logp=mb.ref_logp, **terms), entropy, logp, mb
+            diagnostics = grpo.loss_stats(
+                logp, old, mb.adv, mb.mask, ref_logp=mb.ref_logp, correction=correction, **terms
             )
+            stats.add(loss, diagnostics, entropy, logp, mb)
         self._check_finite(first_bad)
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
@@ -285,10 +316,14 @@ class GRPOTrainer:
         cfg, timer = self.cfg, PhaseTimer()
         beta = self.beta_schedule(cfg.loss.beta, self.step, self.total_steps)
         use_kl = self.ref is not None and beta > 0
-        # ---- rollout and reward: this rank's prompts, G scored completions each
-        with timer("generate"):
-            groups, info = self.rollout()
-        self.engine.sleep()
+        # ---- rollout and reward: G scored completions per prompt (prefetched during the last step, or now)
+        version = self.engine.version
+        ready = self.pipeline.take(self.step, version)
+        groups, info = ready.batch
+        self._prefetch()
+        asleep = self.pipeline.pending is None  # an engine with nothing to generate sleeps while the step trains
+        if asleep:
+            self.engine.sleep()
         # ---- advantage: one per completion, from its group; micro-batches and the step's global counts
         mbs, counts = self.micro_batches(groups, self.advantages(groups))
         # ---- reference and old log-probs (only when a KL term is used / the batch is reused)
@@ -304,18 +339,31 @@ class GRPOTrainer:
             for _ in range(cfg.grpo.updates_per_batch):
                 self.loss_and_backward(mbs, self.aggregation(counts), beta if use_kl else 0.0, stats)
                 stats.grad_norm, lr = self.optimizer_step(self.total_steps * cfg.grpo.updates_per_batch)
-        # ---- weight sync: the new weights into the engine, which then gets its memory back
+        # ---- weight sync: once the batch in flight is generated, the new weights into the engine
         with timer("sync"):
+            timer.seconds["wait_for_generation"] = self.pipeline.wait()
             self.sync_weights()
-        self.engine.wake_up()
+        if asleep:
+            self.engine.wake_up()
         # ---- log
         self.record_groups(groups)
-        return self.step_metrics(stats.reduce(groups, counts, info, self.over_long), timer, lr, beta)
+        metrics = stats.reduce(groups, counts, info, self.over_long)
+        return self.step_metrics(metrics, timer, lr, beta, ready, staleness=version - ready.version)
 
-    def step_metrics(self, metrics: dict, timer: PhaseTimer, lr: float, beta: float) -> dict:
-        """The reduced statistics plus timings (wall seconds per phase and for the whole step) and rates."""
+    def step_metrics(self, metrics: dict, timer: PhaseTimer, lr: float, beta: float, ready, staleness: int) -> dict:
+        """The reduced statistics plus timings (wall seconds per phase and for the whole step) and rates.
+
+        time_generate is the batch's generation time; with prefetching, time_generation_wait is the part
+        the step waited for and generation_overlap the part that ran while the previous step trained."""
         times = timer.seconds
+        times["generate"] = ready.seconds
+        prefetched = self.cfg.rollout.max_staleness > 0
         metrics.update({f"time_{k}": v for k, v in times.items()}, lr=lr, beta=beta, step_time=timer.total())
+        metrics.update(
+            staleness=staleness,
+            time_generation_wait=ready.waited if prefetched else ready.seconds,
+            generation_overlap=ready.seconds - ready.waited if prefetched else 0.0,
+        )
         trained = metrics.pop("trained_tokens_total")
         metrics["generated_tokens_per_s"] = metrics["completion_tokens_total"] / max(times["generate"], 1e-9)
         metrics["trained_tokens_per_s"] = trained / max(times["update"], 1e-9)
@@ -328,10 +376,14 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- run, save, resume
 
+    def _loop_state(self) -> dict:
+        return {"stream": self.stream.state_dict(), "rng": python_rng_to_json(self.rng.getstate())}
+
     def state_dict(self) -> dict:
-        """The loop's own state (a collective: every rank's prompt stream and RNG), saved in checkpoints."""
+        """The loop's own state (a collective: every rank's prompt stream and RNG), saved in checkpoints.
+        With a batch prefetched, the state from before its draw: a resumed run draws that batch again."""
+        mine = self._state_before_prefetch if self.pipeline.pending is not None else self._loop_state()
         gathered = [None] * self.dist.world_size
-        mine = {"stream": self.stream.state_dict(), "rng": python_rng_to_json(self.rng.getstate())}
         torch.distributed.all_gather_object(gathered, mine)
         return {"step": self.step, "optimizer_steps": self.optimizer_steps, "streams": gathered}
 
@@ -363,7 +415,7 @@ class GRPOTrainer:
         says (-1: none), and the final checkpoint and HF export when the run is complete."""
         run = self.cfg.run
         self._start()
-        with self.run_dir.interruptible(lambda: self.step + 1):
+        with self.run_dir.interruptible(lambda: self.step + 1), closing(self.pipeline):
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 self.step += 1

@@ -71,33 +71,18 @@ class StepStats:
             "len_max": max(lengths, default=0),
             **{"component_" + c: sum(x for g in groups for x in g.components.get(c, [])) for c in components},
         }
-        on_device = [s.loss, s.entropy, s.sampler_diff]
-        names = ["loss", "entropy_sum", "sampler_diff_sum"]
-        if ls is not None:
-            names += [
-                "tokens",
-                "ratio_sum",
-                "kl_sum",
-                "clip_low",
-                "clip_high",
-                "clip_dual",
-                "neg_ratio_min",
-                "ratio_max",
-            ]
-            on_device += [
-                ls.tokens,
-                ls.ratio_sum,
-                ls.kl_sum,
-                ls.clip_low_count,
-                ls.clip_high_count,
-                ls.clip_dual_count,
-                -ls.ratio_min,
-                ls.ratio_max,
-            ]
-        vector = torch.cat(
-            [torch.stack(on_device), torch.tensor(list(host.values()), dtype=torch.float64, device=device)]
-        )
-        return names + list(host), vector
+        on_device = {"loss": s.loss, "entropy_sum": s.entropy, "sampler_diff_sum": s.sampler_diff}
+        if ls is not None:  # extremes as maxima too: min(x) = -max(-x)
+            on_device.update(
+                tokens=ls.tokens, ratio_sum=ls.ratio_sum, kl_sum=ls.kl_sum, clip_low=ls.clip_low_count,
+                clip_high=ls.clip_high_count, clip_dual=ls.clip_dual_count, neg_ratio_min=-ls.ratio_min,
+                ratio_max=ls.ratio_max, is_ratio_sum=ls.is_ratio_sum, neg_is_ratio_min=-ls.is_ratio_min,
+                is_ratio_max=ls.is_ratio_max, is_weight_sum=ls.is_weight_sum, is_truncated=ls.is_truncated_count,
+                is_masked=ls.is_masked_count, sampler_outside=ls.sampler_outside_count,
+            )
+        host_values = torch.tensor(list(host.values()), dtype=torch.float64, device=device)
+        vector = torch.cat([torch.stack(list(on_device.values())), host_values])
+        return list(on_device) + list(host), vector
 
     def reduce(self, groups: list[Group], counts: StepCounts, info: RolloutInfo, over_long: int) -> dict:
         """Global metrics of the step (a collective: every rank calls it)."""
@@ -110,7 +95,7 @@ class StepStats:
             stacked = torch.stack(parts)  # (world, K)
         else:
             stacked = local[None]
-        extreme = {"neg_len_min", "len_max", "neg_ratio_min", "ratio_max"}
+        extreme = {"neg_len_min", "len_max", "neg_ratio_min", "ratio_max", "neg_is_ratio_min", "is_ratio_max"}
         values = [stacked[:, i].max() if n in extreme else stacked[:, i].sum() for i, n in enumerate(names)]
         total = dict(zip(names, torch.stack(values).tolist()))
         total.setdefault("tokens", 0.0)
@@ -141,6 +126,14 @@ class StepStats:
             "clip_high_frac": total.get("clip_high", 0.0) / tok,
             "clip_dual_frac": total.get("clip_dual", 0.0) / tok,
             "sampler_logp_diff": total["sampler_diff_sum"] / tok,
+            # pi_old / sampler per token: its spread, and the correction's effect (rl/... grpo.sampler_correction)
+            "sampler_ratio_outside_frac": total.get("sampler_outside", 0.0) / tok,  # outside [0.9, 1.1]
+            "is_ratio_mean": total.get("is_ratio_sum", 0.0) / tok,
+            "is_ratio_min": float(-total.get("neg_is_ratio_min", float("-inf"))),
+            "is_ratio_max": float(total.get("is_ratio_max", float("-inf"))),
+            "is_weight_mean": total.get("is_weight_sum", 0.0) / tok,
+            "is_truncated_frac": total.get("is_truncated", 0.0) / tok,
+            "is_masked_frac": total.get("is_masked", 0.0) / tok,
             "grad_norm": self.grad_norm,
             "trained_tokens_total": total["trained_tokens"],
             "over_long_prompts": over_long,
