@@ -202,6 +202,18 @@ def test_torch_path_chunking_does_not_change_results(name):
     check(measure_splits("torch", name))
 
 
+def test_unused_entropy_output_adds_no_gradient():
+    """Entropy returned but left out of the loss: the gradient is the logp-only one."""
+    h, w, t, gl, _ = make_inputs(CASES["ragged"])
+    grads = []
+    for want_ent in (True, False):
+        a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, _ = chunked_logprobs(a, b, t, 1.0, want_ent, IGNORE, chunk_n=8, chunk_v=64)
+        grads.append(torch.autograd.grad((lp * gl).sum(), (a, b)))
+    for with_ent, logp_only in zip(*grads):
+        torch.testing.assert_close(with_ent, logp_only, rtol=1e-5, atol=1e-6)
+
+
 def test_tolerance_catches_wrong_temperature():
     """A 1% temperature error must be detected: the tolerances can fail."""
     case = CASES["temperature"]

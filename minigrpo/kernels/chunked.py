@@ -211,6 +211,7 @@ class ChunkedLogprobs(torch.autograd.Function):
                                          ignore_index, chunk_n, chunk_v)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.cfg = (inv_t, want_ent, ignore_index, chunk_n, chunk_v)
+        ctx.set_materialize_grads(False)   # an unused entropy arrives as None: no entropy passes
         return (logp, ent) if want_ent else logp
 
     @staticmethod

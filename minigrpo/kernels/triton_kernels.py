@@ -322,6 +322,7 @@ class TritonLogprobs(torch.autograd.Function):
         ent = torch.where(valid, ent, zero) if want_ent else None
         ctx.save_for_backward(hidden, weight, tgt, lse, ent, valid)
         ctx.cfg = (inv_t, want_ent, bwd_cols)
+        ctx.set_materialize_grads(False)   # an unused entropy arrives as None: no entropy term
         return (logp, ent) if want_ent else logp
 
     @staticmethod
