@@ -261,7 +261,8 @@ def test_loss_stats_without_a_correction_are_neutral_under_addition():
 
 
 def test_loss_config_sampler_correction_options():
-    assert LossConfig().sampler_correction == "none"
+    for name in ("none", *CORRECTIONS):
+        LossConfig(sampler_correction=name)
     LossConfig(sampler_correction="mis", correction_level="sequence", correction_low=0.5, correction_high=5.0)
     for bad, key in ((dict(sampler_correction="vtrace"), "sampler_correction"),
                      (dict(correction_level="geometric"), "correction_level"),
