@@ -5,6 +5,8 @@ upstream grads on BOTH outputs) to logits -> log_softmax -> gather in float64.
 The same cases run on the chunked torch path here, on the Triton kernels through
 the Triton interpreter in a subprocess (TRITON_INTERPRET must be set before triton
 is imported, so it cannot share this process), and on CUDA when a GPU exists.
+Chunking (rows/columns per tile, vocabulary columns per Triton forward program and
+backward d_logits split) must not change results beyond summation order.
 
 Running this file as a script (`python tests/test_kernels.py`) runs the Triton
 cases and prints their results as JSON; the pytest side only asserts on them.

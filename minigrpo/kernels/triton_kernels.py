@@ -22,13 +22,14 @@ accumulator (2.2 GB at Qwen2.5-7B); the [N, H] one for grad_h is 0.23 GB at N = 
 Extra memory: D (at most SPLIT_BYTES, and at most 1/8 of the whole [N, V] d_logits), the fp32
 grad_h accumulator, and for 16-bit inputs one [4096, H] fp32 GEMM output.
 
-HBM traffic at N 16384, H 3584, V 152064, bf16 (arithmetic, not measured): the grouped program
-order keeps about 8 row blocks' hidden rows and the current weight columns in L2, so the d_logits
-kernel reads W about N / (8 * BLOCK_N) times (~17 GB) and h about once per split (~1.2 GB) and
-writes D once (5 GB); the GEMMs read D twice (10 GB), h and W a few times (~5 GB), write grad_W
-(1.1 GB), and add into the fp32 accumulator once per split (~8 GB). About 47 GB against 6NHV =
-5.4e13 FLOPs: ~1100 FLOP per byte, far above an H100/H200's ~200-250, so the backward is bound by
-tensor-core throughput. (The previous per-tile read-modify-write of fp32 rows moved ~1.7 TB.)
+HBM traffic at N 16384, H 3584, V 152064, bf16, 10 splits of 15360 columns (arithmetic, not
+measured): the grouped program order keeps 8 row blocks' hidden rows (7 MB) and the current weight
+tiles in L2, so the d_logits kernel reads W once per group (16 x 1.1 GB = 18 GB), h about once per
+split (1.2 GB) and writes D once (5 GB); the GEMMs read D twice (10 GB), h and W a few times
+(~5-15 GB), write grad_W (1.1 GB), and move the fp32 accumulator and its 4096-row product once per
+split (~9 GB). About 50-60 GB against 6NHV = 5.4e13 FLOPs: ~1000 FLOP per byte, 5x above an
+H200's balance point (~790 TFLOP/s / 4.3 TB/s = 183), so the backward is bound by tensor-core
+throughput. (The per-tile read-modify-write of fp32 rows this replaces moved ~1.7 TB.)
 
 fp32 inputs use tf32x3 dots (three tf32 tensor-core products, about fp32 accuracy); the cuBLAS
 GEMMs follow torch's own fp32 matmul precision setting.
