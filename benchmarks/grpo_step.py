@@ -109,14 +109,16 @@ def make_prompt_texts(tokenizer, cases: list[dict], workload: str, n: int, seed:
     return texts
 
 
-def matmul_rate(hidden: int, repeats: int = 3) -> float:
-    """fp32 FLOP/s of a [4096 x H] @ [H x 4H] GEMM (an MLP projection of a 4096-token micro-batch)."""
+def matmul_rate(hidden: int, repeats: int = 3) -> dict:
+    """fp32 FLOP/s of a [4096 x H] @ [H x 4H] GEMM (an MLP projection of a 4096-token micro-batch), per wall
+    second and per CPU second of this process."""
     a, b = torch.randn(4096, hidden), torch.randn(hidden, 4 * hidden)
     a @ b
-    t = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         a @ b
-    return 2 * 4096 * hidden * 4 * hidden * repeats / (time.perf_counter() - t)
+    flops = 2 * 4096 * hidden * 4 * hidden * repeats
+    return {"wall": flops / (time.perf_counter() - wall), "cpu": flops / (time.process_time() - cpu)}
 
 
 # ----------------------------------------------------------------------------- minigrpo
@@ -160,12 +162,36 @@ class MinigrpoVariant:
             return mbs, step_counts
 
         self.trainer.micro_batches = counted
+        self.cpu: dict[str, float] = {}
+        self._cpu_timed("rollout", lambda *args: "generate")
+        self._cpu_timed("logprobs", lambda model, mbs: "reference" if model is self.trainer.ref else "old")
+        self._cpu_timed("loss_and_backward", lambda *args: "update")
+        self._cpu_timed("optimizer_step", lambda *args: "update")
+        self._cpu_timed("sync_weights", lambda *args: "sync")
         self.steps = self.trainer.steps()
 
+    def _cpu_timed(self, method: str, phase_of) -> None:
+        """The trainer's `method`, its CPU seconds (this process, all threads) added to phase_of(*args)."""
+        fn = getattr(self.trainer, method)
+
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            out = fn(*args, **kwargs)
+            phase = phase_of(*args)
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - start
+            return out
+
+        setattr(self.trainer, method, wrapper)
+
     def step(self) -> dict:
+        self.cpu.clear()
+        start = time.process_time()
         _, metrics = next(self.steps)
+        cpu_step = time.process_time() - start
         seconds = {phase: float(metrics.get(f"time_{phase}", 0.0)) for phase in PHASES}
-        return {"seconds": seconds, "step": float(metrics["step_time"]), "tokens": self.counts[-1]}
+        cpu = {phase: self.cpu.get(phase, 0.0) for phase in PHASES}
+        wall = {"seconds": seconds, "step": float(metrics["step_time"])}
+        return {"wall": wall, "cpu": {"seconds": cpu, "step": cpu_step}, "tokens": self.counts[-1]}
 
     def close(self) -> None:
         self.steps.close()  # stops before the final export: nothing is written
@@ -292,7 +318,7 @@ def trl_worker(spec_path: str) -> None:
     )
     dataset = Dataset.from_dict({"prompt": spec["prompts"]})
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward, args=args, train_dataset=dataset)
-    seconds, tokens = {}, {}
+    seconds, cpu, tokens = {}, {}, {}
 
     def add(table: dict, key: str, value: float) -> None:
         table[key] = table.get(key, 0) + value
@@ -302,9 +328,10 @@ def trl_worker(spec_path: str) -> None:
 
         def wrapper(*args, **kwargs):
             phase = phase_of(*args, **kwargs)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
             add(seconds, phase, time.perf_counter() - start)
+            add(cpu, phase, time.process_time() - start_cpu)
             return out
 
         return wrapper
@@ -314,7 +341,7 @@ def trl_worker(spec_path: str) -> None:
         phase = "reference" if model is trainer.ref_model else "forward" if torch.is_grad_enabled() else "old"
         add(tokens, f"{phase}_positions", input_ids.numel())
         add(tokens, f"{phase}_fed", int(attention_mask.sum()))
-        add(tokens, f"{phase}_head_rows", input_ids.shape[0] * logits_to_keep)
+        add(tokens, f"{phase}_head_rows", int(attention_mask[:, -logits_to_keep:].sum()))  # its head: labelled rows
         return phase
 
     generate_one = trainer._generate_single_turn
@@ -335,20 +362,21 @@ def trl_worker(spec_path: str) -> None:
         def on_step_begin(self, args, state, control, **kwargs):
             if sys.stdin.readline().strip() != "go":
                 raise SystemExit(0)
-            seconds.clear()
-            tokens.clear()
-            self.start = time.perf_counter()
+            for table in (seconds, cpu, tokens):
+                table.clear()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            step = time.perf_counter() - self.start
-            phases = {
-                "generate": seconds.get("generate", 0.0),
-                "reference": seconds.get("reference", 0.0),
-                "old": seconds.get("old", 0.0),
-                "sync": 0.0,
+            steps = {
+                "wall": (seconds, time.perf_counter() - self.start),
+                "cpu": (cpu, time.process_time() - self.start_cpu),
             }
-            phases["update"] = step - sum(phases.values())  # loss forwards, backwards, optimizer, the rest
-            emit({"seconds": phases, "step": step, "tokens": dict(tokens)})
+            record = {"tokens": dict(tokens)}
+            for clock, (table, step) in steps.items():
+                phases = {phase: table.get(phase, 0.0) for phase in ("generate", "reference", "old", "sync")}
+                phases["update"] = step - sum(phases.values())  # loss forwards, backwards, optimizer, the rest
+                record[clock] = {"seconds": phases, "step": step}
+            emit(record)
 
     trainer.add_callback(Lockstep())
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -430,10 +458,13 @@ def demo_setup(args, work: Path, steps: int):
 
 
 def summarize(records: list[dict]) -> dict:
+    """Medians over the timed steps: per clock (wall, cpu), seconds per phase and per step; tokens."""
     med = statistics.median
-    tokens = {k: med([r["tokens"].get(k, 0) for r in records]) for k in records[0]["tokens"]}
-    seconds = {phase: med([r["seconds"][phase] for r in records]) for phase in PHASES}
-    return {"seconds": seconds, "step": med([r["step"] for r in records]), "tokens": tokens}
+    out = {"tokens": {k: med([r["tokens"].get(k, 0) for r in records]) for k in records[0]["tokens"]}}
+    for clock in ("wall", "cpu"):
+        seconds = {phase: med([r[clock]["seconds"][phase] for r in records]) for phase in PHASES}
+        out[clock] = {"seconds": seconds, "step": med([r[clock]["step"] for r in records])}
+    return out
 
 
 def run_workload(workload: str, args, work: Path) -> dict:
@@ -466,6 +497,12 @@ def run_workload(workload: str, args, work: Path) -> dict:
             loads.append(os.getloadavg()[0])
             for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # rotate who goes first
                 records[v.name].append(v.step())
+                took = records[v.name][-1]
+                print(
+                    f"  {workload} round {r + 1}: {v.name} {took['wall']['step']:.1f} s ({took['cpu']['step']:.1f} s "
+                    "CPU)",
+                    flush=True,
+                )
     finally:
         for v in variants:
             v.close()
@@ -479,7 +516,9 @@ def run_workload(workload: str, args, work: Path) -> dict:
         "trl": trl.info if trl else None,
         "matmul_flops": rates,
         "load_average_1min": loads,
-        "floor": floor_seconds(needed, shape, statistics.median(rates)),
+        "floor": {
+            clock: floor_seconds(needed, shape, statistics.median(r[clock] for r in rates)) for clock in rates[0]
+        },
         "variants": result,
     }
 
@@ -513,16 +552,33 @@ TRL_TOKENS = {  # TRL's counts are read off its reference pass (its loss forward
 }
 
 
+def seconds_table(res: dict, clock: str) -> str:
+    """Per phase: each trainer's median seconds on `clock`, the floor, ratios to the first trainer."""
+    variants, floor = res["variants"], res["floor"][clock]
+    names = list(variants)
+    base, others = names[0], names[1:]
+    rows = [[f"{clock} seconds (median)", *names, "floor", *[f"{n}/{base}" for n in others], f"{base}/floor"]]
+    for phase in (*PHASES, "other", "step"):
+        low = sum(floor.values()) if phase == "step" else floor.get(phase, 0.0)
+        times = [phase_seconds(variants[n][clock], phase) for n in names]
+        row = [phase, *[f"{t:.2f}" for t in times], f"{low:.2f}"]
+        row += [f"x{t / times[0]:.2f}" if times[0] > 0.005 and t > 0.005 else "-" for t in times[1:]]
+        rows.append([*row, f"x{times[0] / low:.1f}" if low > 0 else "-"])
+    return table(rows)
+
+
 def report(res: dict) -> str:
-    variants, shape, floor, rates = res["variants"], res["shape"], res["floor"], res["matmul_flops"]
+    variants, shape, rates = res["variants"], res["shape"], res["matmul_flops"]
     names, lengths, load = list(variants), res["prompt_tokens"], res["load_average_1min"]
     tokens = variants[names[0]]["tokens"]
-    hidden, gflops = shape["hidden"], [r / 1e9 for r in rates]
+    hidden = shape["hidden"]
     head = f"== {res['workload']}: {len(lengths)} prompts of {min(lengths)}-{max(lengths)} tokens (median "
     head += f"{statistics.median(lengths):.0f}), {tokens['completion_tokens']:.0f} completion tokens per step (median)"
-    rate = f"fp32 matmul [4096 x {hidden}] @ [{hidden} x {4 * hidden}]: {statistics.median(gflops):.1f} GFLOP/s "
-    rate += f"(median; {min(gflops):.1f}-{max(gflops):.1f}); 1-minute load average {min(load):.1f}-{max(load):.1f}"
-    lines = [head, rate]
+    lines = [head, f"fp32 matmul [4096 x {hidden}] @ [{hidden} x {4 * hidden}], GFLOP/s (median of the rounds):"]
+    for clock in ("wall", "cpu"):
+        gflops = [r[clock] / 1e9 for r in rates]
+        lines[-1] += f" per {clock} second {statistics.median(gflops):.1f} ({min(gflops):.1f}-{max(gflops):.1f});"
+    lines.append(f"1-minute load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
     if res["trl"]:
         same = "the same" if res["trl"]["prompt_tokens"][: len(lengths)] == lengths else "OTHER"
         lines.append(f"TRL {res['trl']['trl']}: the prompt texts tokenize to {same} lengths there")
@@ -535,16 +591,7 @@ def report(res: dict) -> str:
     ]:
         counts = [variants[n]["tokens"].get(TRL_TOKENS[key] if n == "TRL" else key, 0) for n in names]
         rows.append([label, f"{needed:,.0f}", *[f"{c:,.0f}" for c in counts]])
-    lines.append(table(rows))
-    base, others = names[0], names[1:]
-    rows = [["seconds (median)", *names, "floor", *[f"{n}/{base}" for n in others], f"{base}/floor"]]
-    for phase in (*PHASES, "other", "step"):
-        low = sum(floor.values()) if phase == "step" else floor.get(phase, 0.0)
-        ours = phase_seconds(variants[base], phase)
-        row = [phase, *[f"{phase_seconds(variants[n], phase):.2f}" for n in names], f"{low:.2f}"]
-        row += [f"x{phase_seconds(variants[n], phase) / ours:.2f}" if ours > 0.005 else "-" for n in others]
-        rows.append([*row, f"x{ours / low:.1f}" if low > 0 else "-"])
-    lines.append(table(rows))
+    lines += [table(rows), seconds_table(res, "wall"), seconds_table(res, "cpu")]
     return "\n".join(lines)
 
 
