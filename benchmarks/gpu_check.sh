@@ -16,7 +16,8 @@
 #            run, load_sharded and the bf16 push on NCCL, torch engine prefill without the math
 #            SDPA kernel); --cpu: the CPU checks of the same paths (tests/test_gpu_paths.py)
 #   kernels  fused log-probs at the Qwen2.5-7B head (N 16384, H 3584, V 152064, bf16) against the
-#            naive path and the 8NHV floor at the measured matmul rate
+#            naive path and the 8NHV floor at the measured matmul rate, per phase, and their error
+#            against float64 (benchmarks/kernel_floor.py; where absent, benchmarks/logprobs.py)
 #   update   FSDP2 update step, bf16 mixed precision, Qwen2.5-1.5B shape, 4 x 4096 tokens:
 #            tokens/s, MFU, peak memory, against HF full logits + CE
 #   grpo     digits GRPO on the tiny model: the reward rises; then KL, 2 updates per batch,
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
         --cpu) CPU=1 ;;
         --out) OUT="$2"; shift ;;
         --out=*) OUT="${1#--out=}" ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -91,9 +92,9 @@ else
     stage tests 120 120 "${PYTEST[@]}" -m cuda tests/
 fi
 
-if [ -f benchmarks/kernel_floor.py ]; then
-    if [ $CPU = 1 ]; then SHRINK=(--cpu); else SHRINK=(); fi
-    stage kernels 60 300 "$PYTHON" benchmarks/kernel_floor.py --out "$OUT/kernels.json" "${SHRINK[@]}"
+if [ -f benchmarks/kernel_floor.py ]; then  # fwd / d_logits / d_weight / d_hidden vs the floor, error vs float64
+    if [ $CPU = 1 ]; then PRESET=cpu; else PRESET=7b; fi
+    stage kernels 60 300 "$PYTHON" benchmarks/kernel_floor.py --preset $PRESET --out "$OUT/kernels.json"
 elif [ $CPU = 1 ]; then
     stage kernels 60 300 "$PYTHON" benchmarks/logprobs.py --shape 1024,256,8192 --dtype fp32 --impls fused,naive \
         --entropy off --reps 2
