@@ -19,12 +19,11 @@ from typing import Callable
 from minigrpo import interrupt
 from minigrpo.dist import destroy_distributed, under_torchrun
 from minigrpo.io import InputError
-from minigrpo.model import ModelLoadError
 
 # Errors that describe the user's input, not a bug: their message names the file, row or key, so a
-# traceback adds nothing. ConfigError, DataError, CheckpointError and the recipes' data errors derive
-# from io.InputError; ModelLoadError is listed until model.py derives it from InputError too.
-INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError, ModelLoadError)
+# traceback adds nothing. ConfigError, DataError, CheckpointError, ModelLoadError and the recipes' data
+# errors all derive from io.InputError; anything else keeps its traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (InputError,)
 
 
 def _say(line: str) -> None:

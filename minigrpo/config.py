@@ -45,6 +45,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
+    # GRPO's frozen reference: auto = fp32 on CPU (exact), bf16 on CUDA with parallel.mixed_precision;
+    # bfloat16 on a CPU with AVX512-BF16 / AMX is faster (see benchmarks/results/bf16_cpu.md)
+    reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
         pass  # path is checked when the model is loaded, with the file that is missing
@@ -216,7 +219,7 @@ class RunConfig:
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end; -1 = no checkpoints at all
     keep_last: int = 0  # keep only the newest K checkpoints (0 = all)
-    resume: bool = False  # continue the run in output_dir from its newest checkpoint that verifies
+    resume: bool = False  # continue the run in output_dir from the checkpoint `latest` names (see run_dir.py)
     resume_from: str = ""  # with resume: this checkpoint (a folder under checkpoints/, e.g. step_000004)
     allow_resume_changes: bool = False  # resume even if config keys or the data differ from the checkpoint's
     report_to: str = ""  # "", "tensorboard", "wandb" or both, comma-separated (the package must be installed)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minigrpo.io import InputError
 from minigrpo.kernels import fused_logprobs
 
 IGNORE_INDEX = -100
@@ -23,7 +24,7 @@ IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError):
     """A model folder that is missing, incomplete or corrupt; the message names the file."""
 
 

@@ -140,9 +140,11 @@ def load_sharded(
     info: DistInfo,
     frozen: bool = False,
     mesh: DeviceMesh | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The sharded `LogprobModel` of `model_cfg.path`: trainable (as `shard_model`) or `frozen` (as
-    `shard_reference`), without a full copy of the model on any rank but rank 0's host.
+    `shard_reference`, its parameters in `frozen_dtype` when given), without a full copy of the model on
+    any rank but rank 0's host.
 
     Every rank builds the model on the meta device and shards it there; the shards are then
     allocated on the rank's device and filled from rank 0, which alone reads the checkpoint (fp32 on
@@ -161,6 +163,9 @@ def load_sharded(
     model = LogprobModel(_meta_model(model_cfg))
     if frozen:
         _as_frozen(model, parallel_cfg, info)
+        if frozen_dtype is not None:  # e.g. a bf16 reference on CPU; buffers (rotary frequencies) stay fp32
+            for param in model.parameters():
+                param.data = param.data.to(frozen_dtype)
     else:
         _as_trainable(model, parallel_cfg, None)
     model = _shard(model, parallel_cfg, info, mesh)

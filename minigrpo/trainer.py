@@ -29,6 +29,7 @@ from minigrpo.checkpoint import export_hf, python_rng_from_json, python_rng_to_j
 from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
 from minigrpo.dist import comm_device, init_distributed
+from minigrpo.io import DataError
 from minigrpo.metrics import peak_flops
 from minigrpo.model import DTYPES, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -51,6 +52,20 @@ from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
 from minigrpo.seeding import derive_seed
 
 StepCallback = Callable[[int, dict], None]
+
+# Keys a resumed run may change besides run.* and parallel.*: where and how the rollouts run, not what
+# is trained (the prompts themselves are compared by their fingerprint).
+MAY_CHANGE_ON_RESUME = (
+    "rollout.engine",
+    "rollout.gpu_memory_utilization",
+    "rollout.kv_cache_memory_gb",
+    "rollout.sleep_between_steps",
+    "rollout.enforce_eager",
+    "rollout.max_batch_rows",
+    "rollout.server_urls",
+    "rollout.server_timeout_s",
+    "data.train_file",
+)
 
 
 @dataclass(slots=True)
@@ -103,7 +118,7 @@ class GRPOTrainer:
         self.prompts, self.over_long = self._prepare_prompts(prompts)
         # Checks (resume: checkpoint choice, same config and prompts); writes nothing until begin().
         data = fingerprint([p.id, p.ids] for p in self.prompts)
-        self.run_dir = RunDir(cfg.run, to_dict(cfg), data)
+        self.run_dir = RunDir(cfg.run, to_dict(cfg), data, may_change=MAY_CHANGE_ON_RESUME)
         # run.steps = 0: one pass over the prompts left after the filters (the paper's one epoch).
         self.total_steps = cfg.run.steps or max(1, len(self.prompts) // cfg.grpo.prompts_per_step)
         shuffle = cfg.grpo.shuffle and cfg.grpo.curriculum != "easy_to_hard"  # easy-to-hard keeps its order
@@ -115,7 +130,12 @@ class GRPOTrainer:
         model = cfg.model
         self.policy = load_sharded(model, cfg.parallel, self.dist)
         self.n_params = sum(p.numel() for p in self.policy.parameters())  # DTensor numel is the global one
-        self.ref = load_sharded(model, cfg.parallel, self.dist, frozen=True) if cfg.loss.beta > 0 else None
+        ref_dtype = None if model.reference_dtype == "auto" else DTYPES[model.reference_dtype]
+        self.ref = (
+            load_sharded(model, cfg.parallel, self.dist, frozen=True, frozen_dtype=ref_dtype)
+            if cfg.loss.beta > 0
+            else None
+        )
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.beta_schedule = grpo.BETA_SCHEDULES[cfg.loss.beta_schedule]
         self.kl = grpo.KL_ESTIMATORS[cfg.loss.kl]
@@ -155,7 +175,7 @@ class GRPOTrainer:
         context = model_context(cfg.model.path)
         prompts, over_long = prepare_prompts(items, self.tokenizer, cfg.grpo, context, cfg.rollout.max_new_tokens)
         if len(prompts) < self.dist.world_size:
-            raise ValueError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
+            raise DataError(f"{len(prompts)} prompts left after filtering; need at least one per rank")
         return prompts, over_long
 
     def _sampling(self) -> SamplingParams:
@@ -432,8 +452,9 @@ class GRPOTrainer:
         """Run to the end; `callbacks` are called as `fn(step, metrics)` after every step. Returns the
         metrics of the steps this call ran."""
         history = []
-        for step, metrics in self.steps():
-            history.append(metrics)
-            for callback in callbacks:
-                callback(step, metrics)
+        with self.run_dir.interruptible(lambda: self.step + 1):  # a Ctrl-C in a callback is one line too
+            for step, metrics in self.steps():
+                history.append(metrics)
+                for callback in callbacks:
+                    callback(step, metrics)
         return history

@@ -9,6 +9,8 @@ ground (what an MS-DRG is, what decides it, what a CC and an MCC are); it is not
 
 from __future__ import annotations
 
+from minigrpo.io import DataError
+
 SYSTEM_PROMPT = (
     "You are a helpful AI Assistant that provides well-reasoned and detailed responses. You first "
     "think about the reasoning process as an internal monologue and then provide the user with "
@@ -74,7 +76,7 @@ def build_prompt_ids(tokenizer, hospital_course: str, system_prompt: str = SYSTE
     ids = out["input_ids"] if hasattr(out, "keys") else out  # transformers 5 may return a dict
     ids = [int(i) for i in ids]
     if max_tokens is not None and len(ids) > max_tokens:
-        raise ValueError(f"prompt has {len(ids)} tokens, more than max_tokens={max_tokens}")
+        raise DataError(f"prompt has {len(ids)} tokens, more than max_tokens={max_tokens}")
     return ids
 
 
@@ -86,4 +88,4 @@ def format_completion(reasoning: str, answer: str) -> str:
 def _require_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        raise ValueError(f"tokenizer {name!r} has no chat template; DRG prompts need one")
+        raise DataError(f"tokenizer {name!r} has no chat template; DRG prompts need one")

@@ -30,7 +30,7 @@ def make_record(note_id: str, hadm_id, problem: str, solution: str,
     """A record with drg / base_drg / severity filled in from the v34 tables."""
     entry = (tables or load_tables()).lookup(solution)
     if entry is None:
-        raise ValueError(f"{note_id}: solution is not a v34 description: {solution!r}")
+        raise DataError(f"{note_id}: solution is not a v34 description: {solution!r}")
     return {"note_id": note_id, "hadm_id": hadm_id, "problem": problem,
             "solution": entry.description, "drg": entry.number, "base_drg": entry.base_drg,
             "severity": entry.severity, **extra}
