@@ -197,3 +197,42 @@ def test_generation_is_split_over_every_server_url(case):
     got = two.generate(prompts, 2, SamplingParams(temperature=0, max_new_tokens=5))
     assert [len(r) for r in got] == [2] * len(prompts)
     assert [c.token_ids for r in got for c in r] == [argmax_decode(case.ref, p, 5) for p in prompts for _ in "ab"]
+
+
+def test_launcher_check_reports_a_ready_server(case, tmp_path):
+    """`python -m minigrpo.rollout.serve --check URL` exits 0 for this server, and 1 naming a dead URL."""
+    url = case.engine.clients[0].url
+    command = [sys.executable, "-m", "minigrpo.rollout.serve", "--timeout", "5", "--check"]
+    ready = subprocess.run([*command, url], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ready.returncode == 0 and f"{url}: ready (minigrpo_gloo, torch.float32" in ready.stdout, ready.stderr
+    dead = f"http://127.0.0.1:{free_port()}"
+    refused = subprocess.run([*command, dead], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and dead in refused.stderr
+
+
+def test_push_during_generation_keeps_the_requests_and_labels_both_versions(case):
+    """A push while requests are being decoded pauses them (nothing is aborted); their tokens are labelled
+    with the weights that sampled them, and the Completion counts the older version."""
+    import threading
+
+    engine = case.engine
+    version = engine.version
+    body = {"token_ids": PROMPTS[0], "sampling_params": {"n": 4, "temperature": 1.0, "max_tokens": 1500,
+                                                         "ignore_eos": True, "logprobs": 0, "seed": 3}}
+    answers = {}
+    thread = threading.Thread(target=lambda: answers.update(out=engine._post_all([body])))
+    thread.start()
+    time.sleep(0.5)
+    try:
+        engine.load_weights(sharpened_state(case.model_dir, seed=7).items())
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        ((url, answer),) = answers["out"]
+        spans = [[(s["version"], s["start"], s["end"]) for s in c["weight_versions"]] for c in answer["choices"]]
+        print(f"weight-version spans of the straddling request: {spans}")
+        assert all(c["finish_reason"] == "length" and len(c["token_ids"]) == 1500 for c in answer["choices"])
+        assert any(len(s) == 2 and s[0][0] == str(version) and s[1][0] == str(version + 1) for s in spans)
+        completions = [engine._completion(url, PROMPTS[0], c) for c in answer["choices"]]
+        assert {c.weight_version for c in completions} == {version}
+    finally:
+        engine.load_weights(case.state.items())

@@ -138,6 +138,7 @@ class WeightPusher:
                 timeout=timedelta(seconds=self.timeout_s))
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
+        torch.cuda.set_device(self.device)  # a fresh thread starts on device 0; NCCL takes the current one
         return trainer_init(dict(master_address=host, master_port=port, world_size=world))
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> list[str]:
@@ -164,6 +165,7 @@ class WeightPusher:
             return
         from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
+        torch.cuda.set_device(self.device)  # this runs on a fresh thread (see _open_group)
         packed_nccl_broadcast_producer(iter(bucket), self.group, src=0, post_iter_func=lambda item: item[1],
                                        buffer_size_bytes=self.bucket_bytes, num_buffers=NCCL_BUFFERS)
 
