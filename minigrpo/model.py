@@ -21,6 +21,7 @@ from minigrpo.kernels import fused_logprobs
 
 IGNORE_INDEX = -100
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them at least
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,10 +66,15 @@ def load_tokenizer(path: str | os.PathLike, require_chat_template: bool = False)
     from transformers import AutoTokenizer
 
     path = check_model_dir(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer (one token) from the config alone
+        raise ModelLoadError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise ModelLoadError(f"{path}: tokenizer could not be loaded ({e})") from None
+    if len(tok) <= 1:
+        raise ModelLoadError(f"{path}: the tokenizer files hold an empty vocabulary ({len(tok)} token)")
     if require_chat_template and not getattr(tok, "chat_template", None):
         raise ModelLoadError(f"{path}: the tokenizer has no chat template, and this run needs one")
     if tok.pad_token_id is None:

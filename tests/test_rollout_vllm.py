@@ -30,3 +30,18 @@ def test_sleep_wake_is_safe(setup):
     engine.wake_up()
     out = engine.generate(PROMPTS[:1], 1, SamplingParams(temperature=0, max_new_tokens=4))
     assert out[0][0].token_ids == argmax_decode(ref, PROMPTS[0], 4)
+
+
+def test_only_the_rotary_reload_warning_is_filtered(caplog):
+    """vLLM warns "RotaryEmbedding: Failed to load weights" at every push (the rotary cache is no
+    weight); that line is dropped, any other layer's failure to load is still logged."""
+    import logging
+
+    from minigrpo.rollout.vllm_engine import quiet_rotary_reload_warning
+
+    quiet_rotary_reload_warning()
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+        logger.warning("%s: Failed to load weights", "QKVParallelLinear")
+    assert [r.getMessage() for r in caplog.records] == ["QKVParallelLinear: Failed to load weights"]

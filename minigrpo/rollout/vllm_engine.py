@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import re
 from pathlib import Path
@@ -118,6 +119,23 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, logged at every weight push.
+
+    Harmless: a rotary embedding has no weights in any checkpoint, only a cos/sin cache that vLLM
+    computes from the config; on a reload vLLM finds nothing pushed for it and puts that cache back
+    (reload/layerwise.py), then warns. Every other layer's failure still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+def quiet_rotary_reload_warning() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -138,6 +156,7 @@ class VLLMEngine:
         import vllm
         from vllm import LLM
 
+        quiet_rotary_reload_warning()
         on_gpu = torch.cuda.is_available()
         self.sleep_mode = on_gpu if enable_sleep_mode is None else bool(enable_sleep_mode and on_gpu)
         if self.sleep_mode:
