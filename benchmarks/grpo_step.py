@@ -200,7 +200,6 @@ class MinigrpoVariant:
 def minigrpo_overrides(model_dir: Path, out: Path, steps: int) -> list[str]:
     return [
         f"--model.path={model_dir}",
-        "--model.dtype=float32",
         "--rollout.engine=torch",
         f"--rollout.samples_per_prompt={G}",
         f"--rollout.max_new_tokens={NEW_TOKENS}",
@@ -635,6 +634,7 @@ def main() -> None:
         f"section"
     )
     print(f"timing: median of {args.steps} steps per trainer after {args.warmup} warm-up, interleaved step by step")
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device, "commit": commit(), "argv": sys.argv}
     results = []
     try:
         for workload in args.workloads.split(","):
@@ -645,12 +645,10 @@ def main() -> None:
                 f"hidden {shape['hidden']}, vocab {shape['vocab']}; body {shape['body_params'] / 1e6:.1f}M)"
             )
             print(report(results[-1]), flush=True)
+            if args.out:  # after every workload: a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps(meta | {"results": results}, indent=1))
     finally:
         destroy_distributed()
-    if args.out:
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device, "commit": commit(), "argv": sys.argv}
-        Path(args.out).write_text(json.dumps(meta | {"results": results}, indent=1))
-        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
