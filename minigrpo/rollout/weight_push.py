@@ -55,14 +55,16 @@ def in_background(fn: Callable[[], Any]) -> Future:
     return future
 
 
-def wait_all(futures: list[Future], timeout_s: float, what: str) -> list[Any]:
-    """Results in order; the first failure is raised at once; a call not done within the bound is an error."""
+def wait_all(futures: list[Future], timeout_s: float, what: str, urls: list[str]) -> list[Any]:
+    """Results in order; the first failure is raised at once; a call not done within the bound is an error
+    naming the server it went to (`urls[i]` for `futures[i]`; a future past the list is the trainer's own)."""
     done, pending = wait(futures, timeout=timeout_s, return_when=FIRST_EXCEPTION)
     for future in futures:
         if future in done and future.exception() is not None:
             raise future.exception()
     if pending:
-        raise TimeoutError(f"{what}: not done within {timeout_s:g} s (rollout.server_timeout_s)")
+        late = [urls[i] if i < len(urls) else "the trainer's end" for i, f in enumerate(futures) if f in pending]
+        raise ServerError(", ".join(late), f"{what}: not done within {timeout_s:g} s (2 x rollout.server_timeout_s)")
     return [f.result() for f in futures]
 
 
@@ -127,7 +129,8 @@ class WeightPusher:
         # trainer's end opens alongside them; a server that refuses (another model) fails at once.
         calls = [in_background(lambda c=c, p=p: c.init_weight_transfer_engine(p)) for c, p in zip(clients, payloads)]
         calls.append(in_background(lambda: self._open_group(host, port, world)))
-        self.group = wait_all(calls, 2 * timeout_s, "opening the weight-transfer group")[-1]
+        urls = [c.url for c in clients]
+        self.group = wait_all(calls, 2 * timeout_s, "opening the weight-transfer group", urls)[-1]
 
     def _open_group(self, host: str, port: int, world: int):
         if self.backend == GLOO:
@@ -152,7 +155,8 @@ class WeightPusher:
                         shapes=[list(t.shape) for _, t in bucket])
             receiving = [in_background(lambda c=c, i=info: c.update_weights(i)) for c in self.clients]
             sending = in_background(lambda b=bucket: self._broadcast(b))
-            wait_all([*receiving, sending], 2 * self.timeout_s, f"weight push, bucket of {len(bucket)} tensors")
+            wait_all([*receiving, sending], 2 * self.timeout_s, f"weight push, bucket of {len(bucket)} tensors",
+                     [c.url for c in self.clients])
         self._each(lambda c: c.finish_weight_update(str(version)))
         self._each(lambda c: c.post("reset_prefix_cache", params={"reset_running_requests": "true"}))
         self._each(lambda c: c.post("resume"))
@@ -170,7 +174,8 @@ class WeightPusher:
                                        buffer_size_bytes=self.bucket_bytes, num_buffers=NCCL_BUFFERS)
 
     def _each(self, call: Callable[[ServerClient], Any]) -> None:
-        wait_all([in_background(lambda c=c: call(c)) for c in self.clients], 2 * self.timeout_s, "weight push")
+        calls = [in_background(lambda c=c: call(c)) for c in self.clients]
+        wait_all(calls, 2 * self.timeout_s, "weight push", [c.url for c in self.clients])
 
     def close(self) -> None:
         """Release the servers' end of the group (best effort: a dead server is past caring) and ours."""
