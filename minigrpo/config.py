@@ -42,7 +42,6 @@ def check(ok: bool, key: str, msg: str) -> None:
 @dataclass(slots=True)
 class ModelConfig:
     path: str = ""  # local folder with config.json, *.safetensors and tokenizer files
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     # GRPO's frozen reference: auto = fp32 on CPU (exact), bf16 on CUDA with parallel.mixed_precision;

@@ -64,7 +64,7 @@ class DataConfig:
 
 @dataclass(slots=True)
 class CheckpointConfig:
-    export_dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # dtype of hf/; "" = model.dtype
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of hf/
 
 
 @dataclass(slots=True)
@@ -238,7 +238,8 @@ class SFTTrainer:
         self.run = RunDir(cfg.run, to_dict(cfg), data.data, may_change=MAY_CHANGE_ON_RESUME)
         torch.manual_seed(cfg.run.seed)
         model = cfg.model
-        lm = load_model(model.path, model.dtype, model.attn_implementation, model.trust_remote_code)
+        # fp32 master weights; on CUDA, parallel.mixed_precision computes in bf16
+        lm = load_model(model.path, "float32", model.attn_implementation, model.trust_remote_code)
         self.model = shard_model(LogprobModel(lm), cfg.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
@@ -289,7 +290,7 @@ class SFTTrainer:
                 if (every > 0 and done % every == 0) or (done == steps and every >= 0):
                     run.save(done, self.model, self.optimizer, self.state_dict())
                 result = record
-            export_dtype = DTYPES[cfg.checkpoint.export_dtype or cfg.model.dtype]
+            export_dtype = DTYPES[cfg.checkpoint.export_dtype]
             export_hf(self.model, run.out / "hf", self.data.tokenizer, dtype=export_dtype)
         return result
 

@@ -47,7 +47,6 @@ COMMON = [
     "--rollout.samples_per_prompt=4",
     "--rollout.max_new_tokens=12",
     "--rollout.temperature=1.0",
-    "--model.dtype=float32",
     "--parallel.micro_batch_size=4",
     "--optim.lr=1e-2",
     "--optim.max_grad_norm=1.0",
