@@ -124,11 +124,18 @@ def matmul_rate(hidden: int, repeats: int = 3) -> dict:
 # ----------------------------------------------------------------------------- minigrpo
 
 
+def needed_pairs(prompt: int, completions: list[int]) -> int:
+    """Query-key pairs attention must score: the prompt causally, each completion over the prompt and its own
+    causal prefix. SDPA given a mask scores every pair of each (padded) row: R x T^2 per micro-batch."""
+    return prompt * (prompt + 1) // 2 + sum(n * prompt + n * (n + 1) // 2 for n in completions)
+
+
 def token_counts(groups, mbs) -> dict:
     """Tokens of one step: needed (each prompt once per group), fed to the decoder, and LM-head rows."""
     prompt = [len(g.completions[0].prompt_ids) for g in groups]
     completion = [len(c.token_ids) for g in groups for c in g.completions]
     rows = [mb.rows for mb in mbs]
+    pairs = sum(needed_pairs(p, [len(c.token_ids) for c in g.completions]) for p, g in zip(prompt, groups))
     head = sum(r.score_index.numel() if hasattr(r, "score_index") else int((r.targets != -100).sum()) for r in rows)
     return {
         "needed": sum(prompt) + sum(completion),
@@ -141,6 +148,8 @@ def token_counts(groups, mbs) -> dict:
         "forward_fed": sum(r.input_tokens for r in rows),  # per pass (reference, update): real tokens
         "forward_positions": sum(r.input_ids.numel() for r in rows),  # the same with padding
         "head_rows": head,
+        "needed_pairs": pairs,
+        "forward_pairs": sum(r.input_ids.shape[0] * r.input_ids.shape[1] ** 2 for r in rows),
     }
 
 
@@ -340,6 +349,7 @@ def trl_worker(spec_path: str) -> None:
         phase = "reference" if model is trainer.ref_model else "forward" if torch.is_grad_enabled() else "old"
         add(tokens, f"{phase}_positions", input_ids.numel())
         add(tokens, f"{phase}_fed", int(attention_mask.sum()))
+        add(tokens, f"{phase}_pairs", input_ids.shape[0] * input_ids.shape[1] ** 2)
         add(tokens, f"{phase}_head_rows", int(attention_mask[:, -logits_to_keep:].sum()))  # its head: labelled rows
         return phase
 
@@ -548,6 +558,7 @@ TRL_TOKENS = {  # TRL's counts are read off its reference pass (its loss forward
     "forward_fed": "reference_fed",
     "forward_positions": "reference_positions",
     "head_rows": "reference_head_rows",
+    "forward_pairs": "reference_pairs",
 }
 
 
@@ -587,6 +598,7 @@ def report(res: dict) -> str:
         ("reference, update pass: fed", "forward_fed", tokens["needed"]),
         ("  positions with padding", "forward_positions", tokens["needed"]),
         ("LM-head rows per pass", "head_rows", tokens["scored"]),
+        ("attention query-key pairs per pass", "forward_pairs", tokens.get("needed_pairs", 0)),
     ]:
         counts = [variants[n]["tokens"].get(TRL_TOKENS[key] if n == "TRL" else key, 0) for n in names]
         rows.append([label, f"{needed:,.0f}", *[f"{c:,.0f}" for c in counts]])
