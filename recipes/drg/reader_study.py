@@ -221,6 +221,7 @@ def sample_model(model: str, cases: list[dict], settings: EvalSettings) -> list[
 
 def export(cfg: ExportConfig) -> dict[str, Path]:
     settings = cfg.export
+    check(init_distributed().world_size == 1, "export", "runs as one process (python -m ...), not under torchrun")
     check(len(settings.models) >= 1, "export.models", "is required (one or more HF model folders)")
     check(len(set(settings.models)) == len(settings.models), "export.models", "names a model twice")
     check(bool(settings.data), "export.data", "is required (a DRG test cases JSONL)")
