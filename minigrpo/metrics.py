@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -109,3 +110,21 @@ class MetricsLogger:
         keys = console_keys or self.console_keys
         parts = " ".join(f"{k}={_fmt(row[k])}" for k in keys if k in row and row[k] is not None)
         print(f"step {step}/{self.total} {parts} eta={_eta(eta)}", flush=True)
+
+
+class PhaseTimer:
+    """`with timer("generate"): ...` records the phase's wall seconds in `timer.seconds`; `total()` is
+    the wall time since the timer was made."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-import time
 import warnings
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -28,23 +27,17 @@ from minigrpo import grpo
 from minigrpo.checkpoint import export_hf, python_rng_from_json, python_rng_to_json
 from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
-from minigrpo.dist import comm_device, init_distributed
+from minigrpo.dist import init_distributed
 from minigrpo.io import DataError
-from minigrpo.metrics import peak_flops
+from minigrpo.metrics import PhaseTimer, peak_flops
 from minigrpo.model import DTYPES, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import iter_full_state_dict, load_sharded
-from minigrpo.rl.groups import (
-    Group,
-    GroupSource,
-    RewardFn,
-    RolloutInfo,
-    fill_with_signal,
-    group_records,
-    resample_groups,
-)
+from minigrpo.rl.groups import Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, group_records
+from minigrpo.rl.groups import resample_groups
+from minigrpo.rl.loss import LossTerms, NonFiniteLossError, check_finite, first_bad, micro_batch_loss
 from minigrpo.rl.micro_batches import RLMicroBatch, pack_groups
-from minigrpo.rl.pipeline import RolloutPipeline
+from minigrpo.rl.pipeline import Ready, RolloutPipeline
 from minigrpo.rl.prompts import PromptLike, PromptStream, prepare_prompts
 from minigrpo.rl.stats import StepStats
 from minigrpo.rollout import SamplingParams, engine_dtype, make_engine
@@ -79,36 +72,6 @@ class GRPORunConfig:
     run: RunConfig = section(RunConfig)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def sampler_correction(loss: LossConfig, max_staleness: int) -> tuple[Callable | None, Callable]:
-    """(weight function or None, ratio level) of `loss.sampler_correction`; "auto" is none for synchronous
-    runs and, for stale batches, decoupled PPO (AReaL) at the token level, TIS at the sequence level."""
-    name = loss.sampler_correction
-    if name == "auto":
-        name = "none" if max_staleness == 0 else ("decoupled" if loss.correction_level == "token" else "tis")
-    return grpo.SAMPLER_CORRECTIONS.get(name), grpo.CORRECTION_LEVELS[loss.correction_level]
-
-
-class PhaseTimer:
-    """`with timer("generate"): ...` records the phase's wall seconds in `timer.seconds`."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - t0
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
 class GRPOTrainer:
     def __init__(self, cfg: GRPORunConfig, prompts: Sequence[PromptLike], reward_fn: RewardFn):
         self.cfg, self.reward_fn = cfg, reward_fn
@@ -130,17 +93,14 @@ class GRPOTrainer:
         model = cfg.model
         self.policy = load_sharded(model, cfg.parallel, self.dist)
         self.n_params = sum(p.numel() for p in self.policy.parameters())  # DTensor numel is the global one
-        ref_dtype = None if model.reference_dtype == "auto" else DTYPES[model.reference_dtype]
-        self.ref = (
-            load_sharded(model, cfg.parallel, self.dist, frozen=True, frozen_dtype=ref_dtype)
-            if cfg.loss.beta > 0
-            else None
-        )
+        self.ref = None
+        if cfg.loss.beta > 0:
+            ref_dtype = None if model.reference_dtype == "auto" else DTYPES[model.reference_dtype]
+            self.ref = load_sharded(model, cfg.parallel, self.dist, frozen=True, frozen_dtype=ref_dtype)
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.beta_schedule = grpo.BETA_SCHEDULES[cfg.loss.beta_schedule]
-        self.kl = grpo.KL_ESTIMATORS[cfg.loss.kl]
         self.aggregation = grpo.AGGREGATIONS[cfg.loss.aggregation]
-        self.weigh, self.level = sampler_correction(cfg.loss, cfg.rollout.max_staleness)
+        self.terms = LossTerms.from_config(cfg.loss, cfg.rollout.max_staleness)
         self.shared_prompt = cfg.grpo.shared_prompt and model.attn_implementation in ("sdpa", "eager")
         if cfg.grpo.shared_prompt and not self.shared_prompt:
             warnings.warn(
@@ -225,6 +185,12 @@ class GRPOTrainer:
             )
         return groups, info
 
+    def next_batch(self) -> Ready:
+        """This step's batch (prefetched during the last step, or generated now); then the next one starts."""
+        ready = self.pipeline.take(self.step, self.engine.version)
+        self._prefetch()
+        return ready
+
     def _generate(self, step: int) -> tuple[list[Group], RolloutInfo]:
         """The rollout of `step` (the pipeline calls it, in a background thread when prefetching)."""
         self.source.start_step(step)
@@ -265,53 +231,36 @@ class GRPOTrainer:
         """Log-probs of the sampled tokens under `model` (reference or old policy), 0 where not scored."""
         return [self._forward(model, mb)[0].float() * mb.mask for mb in mbs]
 
+    def attach_logprobs(self, mbs: list[RLMicroBatch], reference: bool, old: bool) -> None:
+        """The frozen reference's log-probs (for the KL term) and the policy's before the update (when the
+        batch is reused), as the micro-batches' ref_logp / old_logp."""
+        for mb, logp in zip(mbs, self.logprobs(self.ref, mbs) if reference else []):
+            mb.ref_logp = logp
+        for mb, logp in zip(mbs, self.logprobs(self.policy, mbs) if old else []):
+            mb.old_logp = logp
+
+    def update(self, mbs: list[RLMicroBatch], counts: grpo.StepCounts, beta: float, stats: StepStats) -> float:
+        """updates_per_batch passes of loss, backward and optimizer step over the batch; the last lr."""
+        updates = self.cfg.grpo.updates_per_batch
+        for _ in range(updates):
+            self.loss_and_backward(mbs, self.aggregation(counts), beta, stats)
+            stats.grad_norm, lr = self.optimizer_step(self.total_steps * updates)
+        return lr
+
     def loss_and_backward(
         self, mbs: list[RLMicroBatch], aggregate: grpo.Aggregate, beta: float, stats: StepStats
     ) -> None:
         """Forward + backward every micro-batch; gradients accumulate, already globally normalised.
 
         No host sync inside the loop: finiteness is a flag on device, checked once at the end."""
-        loss_cfg = self.cfg.loss
-        terms = dict(
-            eps_low=loss_cfg.eps_low,
-            eps_high=loss_cfg.eps_high,
-            dual_clip=loss_cfg.dual_clip,
-            kl=self.kl,
-            max_log_ratio=loss_cfg.max_log_ratio,
-        )
-        correct = dict(low=loss_cfg.correction_low, high=loss_cfg.correction_high, max_log_ratio=loss_cfg.max_log_ratio)
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.dist.device)
+        bad = torch.full((), -1, dtype=torch.long, device=self.dist.device)
         for i, mb in enumerate(mbs):
             logp, entropy = self._forward(self.policy, mb, return_entropy=True)
-            old = mb.old_logp if mb.old_logp is not None else logp.detach()  # strictly on-policy: ratio 1
-            # pi_old / sampler on every token; its weights enter the loss only with a correction chosen
-            correction = grpo.sampler_correction(old, mb.sampler_logp, mb.mask, self.weigh, self.level, **correct)
-            weights = correction.weights if self.weigh is not None else None
-            loss = grpo.grpo_loss(
-                logp, old, mb.adv, mb.mask, aggregate, ref_logp=mb.ref_logp, beta=beta, weights=weights, **terms
-            )
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+            loss, diagnostics = micro_batch_loss(logp, mb, aggregate, beta, self.terms)
+            bad = first_bad(bad, i, loss)
             loss.backward()
-            diagnostics = grpo.loss_stats(
-                logp, old, mb.adv, mb.mask, ref_logp=mb.ref_logp, correction=correction, **terms
-            )
             stats.add(loss, diagnostics, entropy, logp, mb)
-        self._check_finite(first_bad)
-
-    def _check_finite(self, first_bad: torch.Tensor) -> None:
-        """Every rank raises the same error, naming the first non-finite micro-batch of the lowest rank."""
-        world = self.dist.world_size
-        code = torch.where(first_bad >= 0, first_bad * world + self.dist.rank, torch.iinfo(torch.long).max)
-        if torch.distributed.is_initialized() and world > 1:
-            code = code.to(comm_device())
-            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MIN)
-        code = int(code)
-        if code != torch.iinfo(torch.long).max:
-            micro_batch, rank = divmod(code, world)
-            raise NonFiniteLossError(
-                f"step {self.step}: non-finite loss in micro-batch {micro_batch} on rank "
-                f"{rank} (check rewards and log-probs)"
-            )
+        check_finite(bad, self.step, self.dist.rank, self.dist.world_size)
 
     def optimizer_step(self, total_updates: int) -> tuple[float, float]:
         lr = lr_at(self.optimizer_steps, total_updates, self.cfg.optim)
@@ -337,10 +286,8 @@ class GRPOTrainer:
         beta = self.beta_schedule(cfg.loss.beta, self.step, self.total_steps)
         use_kl = self.ref is not None and beta > 0
         # ---- rollout and reward: G scored completions per prompt (prefetched during the last step, or now)
-        version = self.engine.version
-        ready = self.pipeline.take(self.step, version)
+        ready = self.next_batch()
         groups, info = ready.batch
-        self._prefetch()
         asleep = self.pipeline.pending is None  # an engine with nothing to generate sleeps while the step trains
         if asleep:
             self.engine.sleep()
@@ -348,17 +295,13 @@ class GRPOTrainer:
         mbs, counts = self.micro_batches(groups, self.advantages(groups))
         # ---- reference and old log-probs (only when a KL term is used / the batch is reused)
         with timer("reference"):
-            for mb, logp in zip(mbs, self.logprobs(self.ref, mbs) if use_kl else []):
-                mb.ref_logp = logp
+            self.attach_logprobs(mbs, reference=use_kl, old=False)
         with timer("old"):
-            for mb, logp in zip(mbs, self.logprobs(self.policy, mbs) if cfg.grpo.updates_per_batch > 1 else []):
-                mb.old_logp = logp
+            self.attach_logprobs(mbs, reference=False, old=cfg.grpo.updates_per_batch > 1)
         # ---- loss and backward, optimizer: updates_per_batch passes over the batch
         stats = StepStats(self.dist.device, has_kl=use_kl)
         with timer("update"):
-            for _ in range(cfg.grpo.updates_per_batch):
-                self.loss_and_backward(mbs, self.aggregation(counts), beta if use_kl else 0.0, stats)
-                stats.grad_norm, lr = self.optimizer_step(self.total_steps * cfg.grpo.updates_per_batch)
+            lr = self.update(mbs, counts, beta if use_kl else 0.0, stats)
         # ---- weight sync: once the batch in flight is generated, the new weights into the engine
         with timer("sync"):
             timer.seconds["wait_for_generation"] = self.pipeline.wait()
@@ -367,10 +310,9 @@ class GRPOTrainer:
             self.engine.wake_up()
         # ---- log
         self.record_groups(groups)
-        metrics = stats.reduce(groups, counts, info, self.over_long)
-        return self.step_metrics(metrics, timer, lr, beta, ready, staleness=version - ready.version)
+        return self.step_metrics(stats.reduce(groups, counts, info, self.over_long), timer, lr, beta, ready)
 
-    def step_metrics(self, metrics: dict, timer: PhaseTimer, lr: float, beta: float, ready, staleness: int) -> dict:
+    def step_metrics(self, metrics: dict, timer: PhaseTimer, lr: float, beta: float, ready: Ready) -> dict:
         """The reduced statistics plus timings (wall seconds per phase and for the whole step) and rates.
 
         time_generate is the batch's generation time; with prefetching, time_generation_wait is the part
@@ -379,8 +321,10 @@ class GRPOTrainer:
         times["generate"] = ready.seconds
         prefetched = self.cfg.rollout.max_staleness > 0
         metrics.update({f"time_{k}": v for k, v in times.items()}, lr=lr, beta=beta, step_time=timer.total())
+        groups, _ = ready.batch  # staleness: versions behind, from the oldest weights a completion came from
+        oldest = min((c.weight_version for g in groups for c in g.completions), default=ready.current)
         metrics.update(
-            staleness=staleness,
+            staleness=ready.current - oldest,
             time_generation_wait=ready.waited if prefetched else ready.seconds,
             generation_overlap=ready.seconds - ready.waited if prefetched else 0.0,
         )

@@ -28,6 +28,7 @@ class Ready(Generic[Batch]):
     batch: Batch
     step: int  # the step it was generated for
     version: int  # weight version it was generated from
+    current: int  # weight version when it was taken for training (staleness = current - version)
     seconds: float  # generation wall time
     waited: float  # how long `take` blocked for it (0 when it was ready)
 
@@ -53,10 +54,10 @@ class RolloutPipeline(Generic[Batch]):
             self.pending = None
             t0 = time.perf_counter()
             batch, seconds = future.result()  # re-raises the generation's error here, in the step
-            return Ready(batch, step, made_from, seconds, time.perf_counter() - t0)
+            return Ready(batch, step, made_from, version, seconds, time.perf_counter() - t0)
         self.discard()
         batch, seconds = self._timed(step)
-        return Ready(batch, step, version, seconds, 0.0)
+        return Ready(batch, step, version, version, seconds, 0.0)
 
     def prefetch(self, step: int, version: int) -> None:
         if self.pool is None:
