@@ -33,9 +33,9 @@ from minigrpo.config import split_cli, to_dict
 from minigrpo.dist import DistInfo, all_reduce_sum, init_distributed
 from minigrpo.help import print_help, wants_help
 from minigrpo.io import DataError, iter_jsonl
-from minigrpo.model import DTYPES, LogprobModel, load_model, load_tokenizer
+from minigrpo.model import DTYPES, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from minigrpo.parallel import shard_model
+from minigrpo.parallel import load_sharded
 from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
 
 CONSOLE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s")
@@ -237,10 +237,9 @@ class SFTTrainer:
         self.total_steps = total_steps(cfg, len(data.train))
         self.run = RunDir(cfg.run, to_dict(cfg), data.data, may_change=MAY_CHANGE_ON_RESUME)
         torch.manual_seed(cfg.run.seed)
-        model = cfg.model
-        # fp32 master weights; on CUDA, parallel.mixed_precision computes in bf16
-        lm = load_model(model.path, "float32", model.attn_implementation, model.trust_remote_code)
-        self.model = shard_model(LogprobModel(lm), cfg.parallel, self.dist)
+        # fp32 master weights, built on the meta device and filled from rank 0's read of the checkpoint;
+        # on CUDA, parallel.mixed_precision computes in bf16
+        self.model = load_sharded(cfg.model, cfg.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         state = self.run.load(self.model, self.optimizer)

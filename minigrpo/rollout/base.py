@@ -80,7 +80,9 @@ class RolloutEngine(Protocol):
     def wake_up(self) -> None: ...
 
 
-def check_request(prompts: list[list[int]], n: int, sampling: SamplingParams, max_context: int, vocab_size: int) -> list[int]:
+def check_request(
+    prompts: list[list[int]], n: int, sampling: SamplingParams, max_context: int, vocab_size: int
+) -> list[int]:
     """Validate a generate() call; return each prompt's max new tokens (capped by the context)."""
     if not isinstance(sampling, SamplingParams):
         raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -93,7 +95,9 @@ def check_request(prompts: list[list[int]], n: int, sampling: SamplingParams, ma
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty (a completion needs at least one prompt token)")
         if len(p) >= max_context:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; the engine's context is {max_context}, leaving no room to generate")
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; the engine's context is {max_context}, leaving no room to generate"
+            )
         lo, hi = min(p), max(p)
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab_size})")

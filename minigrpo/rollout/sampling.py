@@ -50,6 +50,8 @@ def sample_tokens(
     else:
         logp = truncate_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
         cdf = logp.exp().cumsum(dim=-1)  # (B, V); masked tokens add 0 and can never be picked
-        u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1) in (0, total]
+        u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[
+            :, -1:
+        ]  # (B, 1) in (0, total]
         tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)

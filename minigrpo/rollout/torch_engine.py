@@ -60,11 +60,17 @@ class TorchEngine:
         cfg = self.lm.config
         layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
-            raise NotImplementedError(f"TorchEngine supports full-attention decoders only; this model has layers {sorted(layer_types)}")
+            raise NotImplementedError(
+                f"TorchEngine supports full-attention decoders only; this model has layers {sorted(layer_types)}"
+            )
         self._max_context = int(max_context or cfg.max_position_embeddings)
         self.vocab_size = self.lm.get_output_embeddings().weight.shape[0]
-        eos = getattr(self.lm.generation_config, "eos_token_id", None) if hasattr(self.lm, "generation_config") else None
-        self.eos_token_ids: tuple[int, ...] = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        eos = (
+            getattr(self.lm.generation_config, "eos_token_id", None) if hasattr(self.lm, "generation_config") else None
+        )
+        self.eos_token_ids: tuple[int, ...] = tuple(
+            eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        )
         self.pad_token_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self.check_every = max(1, int(check_every))
         self.max_batch_rows = max_batch_rows
@@ -92,7 +98,9 @@ class TorchEngine:
                 unknown.append(name)
                 continue
             if dst.shape != tensor.shape:
-                raise ValueError(f"load_weights: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}")
+                raise ValueError(
+                    f"load_weights: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}"
+                )
             dst.detach().copy_(tensor)
         if unknown:
             raise ValueError(f"load_weights: {len(unknown)} names are not in the model, e.g. {unknown[:3]}")
@@ -119,7 +127,11 @@ class TorchEngine:
             row = []
             for b in range(i * n, (i + 1) * n):
                 k = lengths[b]
-                row.append(Completion(list(prompt), tokens[b][:k], logps[b][:k], "stop" if stopped[b] else "length", self.version))
+                row.append(
+                    Completion(
+                        list(prompt), tokens[b][:k], logps[b][:k], "stop" if stopped[b] else "length", self.version
+                    )
+                )
             out.append(row)
         return out
 
@@ -193,7 +205,9 @@ class TorchEngine:
     def _forward(self, ids, mask4d, pos, cache) -> torch.Tensor:
         # a dict of prepared masks makes HF skip its own mask construction
         masks = {"full_attention": mask4d}
-        out = self.lm.model(input_ids=ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = self.lm.model(
+            input_ids=ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True
+        )
         return out.last_hidden_state[:, -1]  # (b, H): only the last position is ever sampled from
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

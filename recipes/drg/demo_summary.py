@@ -61,12 +61,17 @@ def gain_line(gains: dict, k: int) -> str:
     for key, d in gains.items():
         level, metric = key.split("/")
         name = metric.replace("@k", f"@{k}").replace("pass", "Pass").replace("maj", "Maj")
-        parts.append(f"{LEVEL_NAMES[level]} {name} {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
+        parts.append(
+            f"{LEVEL_NAMES[level]} {name} {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        )
     drg = gains["drg/pass@1"]
     half = 100 * (drg["high"] - drg["low"]) / 2
     verdict = "exceeds" if abs(100 * drg["mean"]) > half else "does not exceed"
-    return (f"GRPO gain, SFT -> SFT+GRPO (points; paired 95% bootstrap interval over the {drg['n']} test cases): "
-            + "; ".join(parts) + f". The DRG Pass@1 gain {verdict} the interval's half-width ({half:.1f}).")
+    return (
+        f"GRPO gain, SFT -> SFT+GRPO (points; paired 95% bootstrap interval over the {drg['n']} test cases): "
+        + "; ".join(parts)
+        + f". The DRG Pass@1 gain {verdict} the interval's half-width ({half:.1f})."
+    )
 
 
 def summary_markdown(cfg, evals: dict, grpo: dict, times: dict, data_info: dict, plot: Path | None) -> str:
@@ -98,8 +103,11 @@ def write_summary(out: Path, cfg, evals: dict, history: list[dict], times: dict,
     first_reward, last_reward = reward_trend(history, "reward_mean")
     first_accuracy, last_accuracy = reward_trend(history, "accuracy")
     grpo = {
-        "steps": len(history), "reward_first": first_reward, "reward_last": last_reward,
-        "accuracy_first": first_accuracy, "accuracy_last": last_accuracy,
+        "steps": len(history),
+        "reward_first": first_reward,
+        "reward_last": last_reward,
+        "accuracy_first": first_accuracy,
+        "accuracy_last": last_accuracy,
         "reward_mean_per_step": [h["reward_mean"] for h in history],
         "accuracy_per_step": [h.get("accuracy") for h in history],
         "gains": grpo_gains(evals),
