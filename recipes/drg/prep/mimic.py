@@ -1,7 +1,9 @@
 """MIMIC-IV preparation for DRG coding, as PAPER.md "Data" describes it.
 
-    python -m recipes.drg.prep.mimic --drgcodes hosp/drgcodes.csv.gz \
-        --discharge note/discharge.csv.gz --out data/drg_mimic [--seed 42]
+    python -m recipes.drg.prep.mimic --mimic.drgcodes=hosp/drgcodes.csv.gz \
+        --mimic.discharge=note/discharge.csv.gz --mimic.out=data/drg_mimic [--mimic.seed=42]
+    python -m recipes.drg.prep.mimic --config prep.yaml     # the same keys under `mimic:` in a YAML file
+    python -m recipes.drg.prep.mimic --help                 # every config key with its default
 
 1. drgcodes (hadm_id, drg_type, drg_code, description): keep HCFA rows, normalise the
    description (W/O -> WITHOUT, " W " -> " WITH ", & -> AND, drop commas, " CATH " ->
@@ -9,7 +11,7 @@
    table DRG34_Mapping.csv; drop what stays unmapped. The first HCFA row of an admission wins.
 2. discharge (note_id, hadm_id, text): join on hadm_id; cut the brief hospital course
    (course.py); keep courses over 40 words; drop repeated course texts (first kept).
-3. Drop DRGs with fewer than 2 cases; stratified 90/10 train/test split (seed 42); SFT/GRPO
+3. Drop DRGs with fewer than 2 cases; stratified 90/10 train/test split (mimic.seed, 42); SFT/GRPO
    splits of train 50/50, 75/25, 90/10, 95/5 and "DRG-Small" (20% of train), all stratified by DRG.
 
 Every input row of both files is kept or dropped with a reason: report.json has the rows and lines
@@ -17,21 +19,25 @@ read per file and the count of each reason (they sum to the rows read), drops.js
 dropped row with its file line. Malformed records, an unclosed quote among them, are dropped where
 they begin and reading goes on after them (csv_rows.py). A file that cannot be read (missing, a
 missing column, bad gzip, not UTF-8) stops the run before anything is written: one `error: ...`
-line naming the file and line, exit code 2. Progress goes to stderr; outputs left empty get a
-warning. Every output is written to a temporary file and renamed.
+line naming the file and line, exit code 2 (as does a missing or bad config key). Progress goes to
+stderr, the report to stdout; outputs left empty get a warning. Every output is written to a
+temporary file and renamed.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from minigrpo.cli import run_command
+from minigrpo.config import check, load_config, section, split_cli
+from minigrpo.help import print_help, wants_help
 from minigrpo.io import DataError, write_json_atomic, write_jsonl_atomic
 from recipes.drg.prep.course import extract_course
 from recipes.drg.prep.csv_rows import MALFORMED_ROW, CsvRows, Row
@@ -45,6 +51,22 @@ MIN_CASES = 2  # drop DRGs with fewer than 2 cases
 TEST_FRACTION = 0.1
 SFT_SHARES = (50, 75, 90, 95)  # percent of train used for SFT; the rest is GRPO
 SMALL_FRACTION = 0.2  # DRG-Small
+
+
+@dataclass(slots=True)
+class MimicSettings:
+    """The `mimic` section: the two MIMIC files, the output folder and the split seed."""
+
+    drgcodes: str = ""  # hosp/drgcodes.csv(.gz) of MIMIC-IV (required)
+    discharge: str = ""  # note/discharge.csv(.gz) of MIMIC-IV-Note (required)
+    out: str = ""  # output folder: train/test, splits/, drops.jsonl, report.json (required)
+    seed: int = 42  # seed of every stratified split
+
+
+@dataclass(slots=True)
+class MimicConfig:
+    mimic: MimicSettings = section(MimicSettings)
+
 
 _REPLACEMENTS = (("W/O", "WITHOUT"), (" W ", " WITH "), ("&", "AND"), (",", ""),
                  (" CATH ", " CATHETERIZATION "), (" PROC ", " PROCEDURES "))
@@ -215,21 +237,23 @@ def prepare(drgcodes: Path, discharge: Path, out: Path, seed: int = 42,
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--drgcodes", type=Path, required=True, help="hosp/drgcodes.csv(.gz)")
-    parser.add_argument("--discharge", type=Path, required=True, help="note/discharge.csv(.gz)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
-    try:
-        report = prepare(args.drgcodes, args.discharge, args.out, args.seed)
-    except DataError as e:  # the message names the file and line; anything else keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def run(cfg: MimicConfig) -> dict:
+    """Check the keys, prepare, and print the report to stdout; returns the report."""
+    settings = cfg.mimic
+    for key in ("drgcodes", "discharge", "out"):
+        check(bool(getattr(settings, key)), f"mimic.{key}", "is required")
+    report = prepare(Path(settings.drgcodes), Path(settings.discharge), Path(settings.out), settings.seed)
     json.dump(report, sys.stdout, indent=2)
     print()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        return print_help(__doc__, MimicConfig)
+    return run_command(lambda: run(load_config(MimicConfig, *split_cli(argv))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,10 @@
 """Synthetic DRG cases labelled by a real MS-DRG grouper (drgpy), for runs without MIMIC-IV.
 
-    python -m recipes.drg.prep.synthetic --out data/drg_synth.jsonl --n 2000 --seed 0 \
-        [--difficulty easy|medium|hard] [--drgs K] [--principals J18,I50,...] [--paraphrase 0-2]
+    python -m recipes.drg.prep.synthetic --synthetic.out=data/drg_synth.jsonl --synthetic.n=2000 \
+        [--synthetic.seed=0] [--synthetic.difficulty=easy|medium|hard] [--synthetic.num_drgs=K] \
+        [--synthetic.principals=J18,I50,...] [--synthetic.paraphrase=0-2]
+    python -m recipes.drg.prep.synthetic --config synth.yaml   # the same keys under `synthetic:` in a YAML file
+    python -m recipes.drg.prep.synthetic --help                # every config key with its default
 
 A case: a principal diagnosis (ICD-10-CM) or, for surgical DRGs, a principal diagnosis plus an
 O.R. procedure (ICD-10-PCS); secondary diagnoses sampled to reach a target severity (a CC, an
@@ -17,21 +20,27 @@ its chain of thought: the base DRG is that of the principal alone, the non-O.R. 
 move it, and the severity is the one the counted CC/MCC imply. So `cot` is never wrong about the
 label. Labels follow v36 grouping logic (CC lists and exclusions of FY2019), not v34's.
 
-Output: JSONL with the MIMIC schema (records.RECORD_FIELDS) plus `codes` and `cot`.
+Output: JSONL with the MIMIC schema (records.RECORD_FIELDS) plus `codes` and `cot`. A missing or
+bad key, or a knob the label space cannot meet (more DRGs than are reachable, principals that match
+nothing), is one `error: ...` line naming the key, exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import icd10
 from drgpy.msdrg import DRGEngine
+
+from minigrpo.cli import run_command
+from minigrpo.config import ConfigError, check, load_config, section, split_cli
+from minigrpo.help import print_help, wants_help
 
 from recipes.drg.records import make_record, write_jsonl_atomic
 from recipes.drg.prep.synthetic_render import (Case, Secondary, render_cot, render_course)
@@ -118,7 +127,7 @@ def build_principals(grouper: Grouper, only: list[str] | None = None) -> list[Pr
     if only:
         out = [p for p in out if any(p.code.startswith(o.replace(".", "").upper()) for o in only)]
         if not out:
-            raise ValueError(f"no usable principal diagnosis matches {only}")
+            raise ConfigError(f"no usable principal diagnosis matches {only}", key="principals")
     return out
 
 
@@ -148,9 +157,9 @@ class Generator:
                  principals: list[str] | None = None, paraphrase: int | None = None,
                  tables: DrgTables | None = None):
         if difficulty not in DIFFICULTY:
-            raise ValueError(f"unknown difficulty {difficulty!r}; valid: {sorted(DIFFICULTY)}")
+            raise ConfigError(f"unknown difficulty {difficulty!r}; valid: {sorted(DIFFICULTY)}", key="difficulty")
         if paraphrase is not None and paraphrase not in (0, 1, 2):
-            raise ValueError(f"paraphrase must be 0, 1 or 2, got {paraphrase}")
+            raise ConfigError(f"paraphrase must be 0, 1 or 2, got {paraphrase}", key="paraphrase")
         self.grouper = Grouper(tables) if tables is not None else default_grouper()
         self.tables = self.grouper.tables
         self.knobs = DIFFICULTY[difficulty]
@@ -164,7 +173,7 @@ class Generator:
         if num_drgs is not None:
             reachable = sorted({e.number for p in self.options for e in self.options[p].values()})
             if not 1 <= num_drgs <= len(reachable):
-                raise ValueError(f"--drgs must be in [1, {len(reachable)}], got {num_drgs}")
+                raise ConfigError(f"num_drgs must be in [1, {len(reachable)}], got {num_drgs}", key="num_drgs")
             keep = set(random.Random(seed).sample(reachable, num_drgs))
             self.options = {p: {lvl: e for lvl, e in t.items() if e.number in keep}
                             for p, t in self.options.items()}
@@ -260,30 +269,57 @@ def generate(n: int, seed: int = 0, difficulty: str = "medium", num_drgs: int | 
              principals: list[str] | None = None, paraphrase: int | None = None) -> list[dict]:
     """n synthetic records (same seed and knobs -> identical records)."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ConfigError(f"n must be >= 1, got {n}", key="n")
     return Generator(seed, difficulty, num_drgs, principals, paraphrase).generate(n)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output JSONL file")
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--difficulty", choices=sorted(DIFFICULTY), default="medium")
-    parser.add_argument("--drgs", type=int, default=None, help="restrict to K distinct DRGs")
-    parser.add_argument("--principals", default=None,
-                        help="comma-separated ICD-10-CM codes or prefixes to draw principals from")
-    parser.add_argument("--paraphrase", type=int, choices=(0, 1, 2), default=None)
-    args = parser.parse_args(argv)
-    only = [s.strip() for s in args.principals.split(",")] if args.principals else None
+@dataclass(slots=True)
+class SyntheticSettings:
+    """The `synthetic` section: how many cases, which knobs, and the output file."""
+
+    out: str = ""  # output JSONL file (required)
+    n: int = 0  # cases to write (required, >= 1)
+    seed: int = 0  # same seed and knobs -> identical records
+    difficulty: Literal["easy", "medium", "hard"] = "medium"  # distractor knobs (DIFFICULTY)
+    num_drgs: int = 0  # keep K distinct DRGs of those reachable; 0 = all
+    principals: list[str] = field(default_factory=list)  # ICD-10-CM codes or prefixes to draw from; [] = all
+    paraphrase: int | None = None  # 0-2 (synthetic_render.py); null = the difficulty's
+
+    def __post_init__(self) -> None:
+        check(self.n >= 0, "synthetic.n", f"must be >= 1, got {self.n}")
+        check(self.difficulty in DIFFICULTY, "synthetic.difficulty",
+              f"must be one of {sorted(DIFFICULTY)}, got {self.difficulty!r}")
+        check(self.num_drgs >= 0, "synthetic.num_drgs", f"must be >= 1 (or 0 = all), got {self.num_drgs}")
+        check(self.paraphrase in (None, 0, 1, 2), "synthetic.paraphrase", f"must be 0, 1 or 2, got {self.paraphrase}")
+
+
+@dataclass(slots=True)
+class SyntheticConfig:
+    synthetic: SyntheticSettings = section(SyntheticSettings)
+
+
+def run(cfg: SyntheticConfig) -> list[dict]:
+    """Check the keys, generate, and write the JSONL; returns the records."""
+    settings = cfg.synthetic
+    check(bool(settings.out), "synthetic.out", "is required (the output JSONL file)")
+    check(settings.n >= 1, "synthetic.n", "is required (the number of cases, >= 1)")
     try:
-        rows = generate(args.n, args.seed, args.difficulty, args.drgs, only, args.paraphrase)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    write_jsonl_atomic(args.out, rows)
+        rows = generate(settings.n, settings.seed, settings.difficulty, settings.num_drgs or None,
+                        settings.principals or None, settings.paraphrase)
+    except ConfigError as e:  # a knob the label space cannot meet: name it as the command line spells it
+        raise ConfigError(f"config key 'synthetic.{e.key}': {e}", key=f"synthetic.{e.key}") from None
+    write_jsonl_atomic(Path(settings.out), rows)
     drgs = len({r["drg"] for r in rows})
-    print(f"wrote {len(rows)} cases over {drgs} distinct v34 DRGs to {args.out}", file=sys.stderr)
+    print(f"wrote {len(rows)} cases over {drgs} distinct v34 DRGs to {settings.out}", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        return print_help(__doc__, SyntheticConfig)
+    return run_command(lambda: run(load_config(SyntheticConfig, *split_cli(argv))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
