@@ -41,11 +41,10 @@ from drgpy.msdrg import DRGEngine
 from minigrpo.cli import run_command
 from minigrpo.config import ConfigError, check, load_config, section, split_cli
 from minigrpo.help import print_help, wants_help
-
+from recipes.drg.prep.synthetic_render import Case, Secondary, render_cot, render_course
+from recipes.drg.prep.synthetic_vocab import (HISTORY_MENTIONS, NON_OR_PROCEDURES, PRINCIPAL_CATEGORIES, RULED_OUT,
+                                              SECONDARY_CARE, SURGICAL_CASES)
 from recipes.drg.records import make_record, write_jsonl_atomic
-from recipes.drg.prep.synthetic_render import (Case, Secondary, render_cot, render_course)
-from recipes.drg.prep.synthetic_vocab import (HISTORY_MENTIONS, NON_OR_PROCEDURES, PRINCIPAL_CATEGORIES,
-                                         RULED_OUT, SECONDARY_CARE, SURGICAL_CASES)
 from recipes.drg.tables import DrgEntry, DrgTables, load_tables
 
 GROUPER_VERSION = "v36"  # the oldest MS-DRG version drgpy ships; v34 itself is not available
