@@ -37,6 +37,7 @@ from minigrpo.model import DTYPES, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from minigrpo.parallel import load_sharded
 from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
+from minigrpo.seeding import derive_seed
 
 CONSOLE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s")
 # Keys a resumed SFT run may change besides run.* and parallel.* (see run_dir): they do not touch training,
@@ -139,7 +140,8 @@ def step_indices(step: int, num_rows: int, cfg: DataConfig, seed: int) -> list[i
     per_epoch = max(1, num_rows // cfg.batch_size)  # the last partial batch of an epoch is dropped
     epoch, k = divmod(step, per_epoch)
     if cfg.shuffle:
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(derive_seed(seed, step=epoch)))
+        order = order.tolist()
     else:
         order = list(range(num_rows))
     return order[k * cfg.batch_size : (k + 1) * cfg.batch_size]

@@ -32,6 +32,7 @@ from minigrpo.help import print_help, wants_help
 from minigrpo.io import DataError, write_json_atomic
 from minigrpo.model import check_model_dir, load_tokenizer
 from minigrpo.rollout import RolloutEngine, SamplingParams, make_engine
+from minigrpo.seeding import derive_seed
 
 from recipes.drg.evaluate_metrics import LEVELS, METRICS, evaluate_cases, extract_answer
 from recipes.drg.prompts import build_prompt_ids
@@ -81,12 +82,13 @@ def build_engine(model_path: str, settings: EvalSettings, dist_info: DistInfo) -
     """The rollout engine of `settings.engine`, loaded from `model_path` on this rank's device."""
     rollout = RolloutConfig(engine=settings.engine, max_new_tokens=settings.max_new_tokens,
                             gpu_memory_utilization=settings.gpu_memory_utilization, sleep_between_steps=False)
-    return make_engine(rollout, model_path, dist_info.device, settings.seed + dist_info.rank)
+    return make_engine(rollout, model_path, dist_info.device, derive_seed(settings.seed, rank=dist_info.rank))
 
 
-def sample_completions(engine: RolloutEngine, tokenizer, cases: list[dict], settings: EvalSettings, seed: int,
+def sample_completions(engine: RolloutEngine, tokenizer, cases: list[dict], settings: EvalSettings, rank: int = 0,
                        progress: bool = False) -> list[list[str]]:
-    """k decoded completions for each case, generated `batch_cases` prompts at a time."""
+    """k decoded completions for each case, generated `batch_cases` prompts at a time; each batch seeded
+    by derive_seed(eval.seed, step=its first case, rank=rank)."""
     stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
     out = []
     bar = tqdm(total=len(cases), desc=f"eval (k={settings.k}, rank 0)", unit="case", disable=not progress)
@@ -94,7 +96,7 @@ def sample_completions(engine: RolloutEngine, tokenizer, cases: list[dict], sett
         chunk = cases[start : start + settings.batch_cases]
         ids = [build_prompt_ids(tokenizer, case["problem"]) for case in chunk]
         sampling = SamplingParams(settings.temperature, settings.top_p, 0, settings.max_new_tokens, stop,
-                                  seed=seed + start)
+                                  seed=derive_seed(settings.seed, step=start, rank=rank))
         for group in engine.generate(ids, settings.k, sampling):
             out.append([tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group])
         bar.update(len(chunk))
@@ -128,8 +130,7 @@ def evaluate_model(model_path: str, cases: list[dict], settings: EvalSettings, e
     tokenizer = tokenizer or load_tokenizer(model_path, require_chat_template=True)
     engine = engine or build_engine(model_path, settings, info)
     mine = list(range(info.rank, len(cases), info.world_size))
-    seed = settings.seed + 1_000_003 * info.rank
-    texts = sample_completions(engine, tokenizer, [cases[i] for i in mine], settings, seed, info.is_main)
+    texts = sample_completions(engine, tokenizer, [cases[i] for i in mine], settings, info.rank, info.is_main)
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, list(zip(mine, texts)))
     metrics = None

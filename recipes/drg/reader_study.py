@@ -216,7 +216,7 @@ def sample_model(model: str, cases: list[dict], settings: EvalSettings) -> list[
     check_model_dir(model)
     tokenizer = load_tokenizer(model, require_chat_template=True)
     engine = build_engine(model, settings, init_distributed())
-    return [group[0] for group in sample_completions(engine, tokenizer, cases, settings, settings.seed)]
+    return [group[0] for group in sample_completions(engine, tokenizer, cases, settings)]
 
 
 def export(cfg: ExportConfig) -> dict[str, Path]:
