@@ -472,7 +472,8 @@ def summarize(records: list[dict]) -> dict:
     out = {"tokens": {k: med([r["tokens"].get(k, 0) for r in records]) for k in records[0]["tokens"]}}
     for clock in ("wall", "cpu"):
         seconds = {phase: med([r[clock]["seconds"][phase] for r in records]) for phase in PHASES}
-        out[clock] = {"seconds": seconds, "step": med([r[clock]["step"] for r in records])}
+        other = med([r[clock]["step"] - sum(r[clock]["seconds"].values()) for r in records])
+        out[clock] = {"seconds": seconds, "other": other, "step": med([r[clock]["step"] for r in records])}
     return out
 
 
@@ -549,7 +550,7 @@ def phase_seconds(summary: dict, phase: str) -> float:
     if phase == "step":
         return summary["step"]
     if phase == "other":
-        return summary["step"] - sum(summary["seconds"].values())
+        return summary["other"]
     return summary["seconds"][phase]
 
 
@@ -606,6 +607,16 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def reprint(paths: list[str]) -> None:
+    """The report of earlier runs, the medians taken again from their per-step records."""
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        print(f"# {path}: {run['date']}, checkout {run['commit']}, {run['device']}\n# {' '.join(run['argv'])}")
+        for res in run["results"]:
+            res["variants"] = {name: summarize(v["per_step"]) for name, v in res["variants"].items()}
+            print(report(res))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -629,9 +640,12 @@ def main() -> None:
     ap.add_argument("--trl-python", help="interpreter of a venv with trl (see the module docstring)")
     ap.add_argument("--work-dir", help="model, cases and run folders, kept and reused (default: a new temp dir)")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--report", nargs="+", help="print the tables of these JSON results again, run nothing")
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)
+    if args.report:
+        return reprint(args.report)
     from benchmarks._device import describe
     from minigrpo.dist import destroy_distributed
 
