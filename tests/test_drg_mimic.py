@@ -131,8 +131,8 @@ def test_every_row_accounted_for(tmp_path):
 def test_cli_is_deterministic_and_reports(tmp_path, capsys):
     drg_path, note_path = write_fixture(tmp_path)
     for name in ("a", "b"):
-        main(["--drgcodes", str(drg_path), "--discharge", str(note_path),
-              "--out", str(tmp_path / name), "--seed", "42"])
+        main([f"--mimic.drgcodes={drg_path}", f"--mimic.discharge={note_path}",
+              f"--mimic.out={tmp_path / name}", "--mimic.seed=42"])
     assert json.loads(capsys.readouterr().out.split("\n}\n")[0] + "}")["discharge_rows"]["kept"] == 6
     for name in ("train.jsonl", "test.jsonl", "splits/sft75_grpo.jsonl", "drops.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -206,8 +206,8 @@ def note_record(hadm, text=None, close=True):
 
 def run_mimic(drgcodes, discharge, out):
     """The real entry point, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "recipes.drg.prep.mimic", "--drgcodes", str(drgcodes),
-                           "--discharge", str(discharge), "--out", str(out)],
+    return subprocess.run([sys.executable, "-m", "recipes.drg.prep.mimic", f"--mimic.drgcodes={drgcodes}",
+                           f"--mimic.discharge={discharge}", f"--mimic.out={out}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -470,3 +470,29 @@ def test_deidentified_headers_in_every_position_through_the_cli(tmp_path):
     assert n_end == 5
     cases = read_cases(tmp_path / "out/train.jsonl") + read_cases(tmp_path / "out/test.jsonl")
     assert {c["note_id"]: c["problem"] for c in cases} == expected  # no medication list leaked in
+
+
+def test_cli_help_lists_every_key():
+    r = subprocess.run([sys.executable, "-m", "recipes.drg.prep.mimic", "-h"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+    assert "--mimic.drgcodes=" in r.stdout  # the usage, from the module docstring
+    for key in ("drgcodes", "discharge", "out", "seed"):
+        assert f"\n    {key}: " in r.stdout, key
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--mimic.seed=x"], "mimic.seed"),
+    (["--mimic.discharge="], "mimic.discharge"),  # required
+    (["--mimic.split=0.2"], "mimic.split"),  # unknown key
+])
+def test_cli_bad_value_is_one_line_naming_the_key(tmp_path, args, key):
+    drg, notes = write_fixture(tmp_path)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "recipes.drg.prep.mimic", f"--mimic.drgcodes={drg}",
+                        f"--mimic.discharge={notes}", f"--mimic.out={out}", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and f"'{key}'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not out.exists()

@@ -1,7 +1,10 @@
 """Synthetic DRG generator: grouper-consistent labels, coverage, reproducibility, knobs."""
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +80,8 @@ def test_cot_names_every_secondary_and_exclusions(hard):
 def test_reproducible_by_seed(tmp_path):
     paths = [tmp_path / f"{name}.jsonl" for name in ("a", "b", "c")]
     for path, seed in zip(paths, (7, 7, 8)):
-        main(["--out", str(path), "--n", "150", "--seed", str(seed), "--difficulty", "hard"])
+        main([f"--synthetic.out={path}", "--synthetic.n=150", f"--synthetic.seed={seed}",
+              "--synthetic.difficulty=hard"])
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[0].read_bytes() != paths[2].read_bytes()
     assert len(read_cases(paths[0])) == 150
@@ -102,7 +106,7 @@ def test_difficulty_knobs():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"difficulty": "extreme"}, "difficulty"),
-    ({"num_drgs": 0}, "--drgs"),
+    ({"num_drgs": 0}, "num_drgs"),
     ({"principals": ["ZZZ"]}, "ZZZ"),
     ({"paraphrase": 3}, "paraphrase"),
 ])
@@ -111,14 +115,49 @@ def test_bad_knobs(kwargs, match):
         generate(1, **kwargs)
 
 
-def test_cli_bad_knob_exits_with_message(tmp_path):
-    with pytest.raises(SystemExit, match="ZZZ"):
-        main(["--out", str(tmp_path / "x.jsonl"), "--n", "5", "--principals", "ZZZ"])
+def test_cli_bad_knob_exits_with_message(tmp_path, capsys):
+    assert main([f"--synthetic.out={tmp_path / 'x.jsonl'}", "--synthetic.n=5", "--synthetic.principals=ZZZ"]) == 2
+    assert "ZZZ" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_records_are_json_roundtrip(tmp_path):
     path = tmp_path / "s.jsonl"
-    main(["--out", str(path), "--n", "5", "--seed", "0"])
+    main([f"--synthetic.out={path}", "--synthetic.n=5", "--synthetic.seed=0"])
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["note_id"] for r in rows] == [f"synth-0-{i:06d}" for i in range(5)]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_synthetic(*args):
+    """The real entry point, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "recipes.drg.prep.synthetic", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_lists_every_key():
+    r = run_synthetic("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    assert "--synthetic.out=" in r.stdout  # the usage, from the module docstring
+    for key in ("out", "n", "seed", "difficulty", "num_drgs", "principals", "paraphrase"):
+        assert f"\n    {key}: " in r.stdout, key
+    assert "one of easy|medium|hard" in r.stdout
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--synthetic.n=-3"], "synthetic.n"),
+    (["--synthetic.n=5"], "synthetic.out"),
+    (["--synthetic.paraphrase=3"], "synthetic.paraphrase"),
+    (["--synthetic.difficulty=extreme"], "synthetic.difficulty"),
+    (["--synthetic.num_drgs=100000"], "synthetic.num_drgs"),
+    (["--synthetic.drgs=3"], "synthetic.drgs"),  # unknown key
+])
+def test_cli_bad_value_is_one_line_naming_the_key(tmp_path, args, key):
+    out = tmp_path / "x.jsonl"
+    r = run_synthetic(*([f"--synthetic.out={out}", "--synthetic.n=5"] if key != "synthetic.out" else []), *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and f"'{key}'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not out.exists()
