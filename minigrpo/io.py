@@ -15,7 +15,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, Iterable, Iterator
 
 
 class InputError(ValueError):
@@ -37,14 +38,16 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", fsync: bool = False) -> Iterator[IO]:
+    """A file to write `path` through: a temporary file in the same folder, renamed into place when
+    the block ends without an error (removed otherwise), so a reader never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -53,7 +56,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
+    """Write `data` to `path` atomically (see atomic_open)."""
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2, fsync: bool = False) -> Path:
@@ -61,26 +70,25 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2,
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Write rows as JSONL atomically; returns the number of rows."""
-    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
-    atomic_write_text(path, "".join(lines))
-    return len(lines)
+    """Write rows as JSONL atomically, streaming (a large file is never held in memory); the row count."""
+    count = 0
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) for every non-blank line; DataError naming file:line for a bad one."""
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lineno = 0
-        while True:
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported at its own line
+        for lineno, raw in enumerate(f, 1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line:
-                return
-            lineno += 1
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
