@@ -104,7 +104,7 @@ def make_prompt_texts(tokenizer, cases: list[dict], workload: str, n: int, seed:
         while len(tokenizer(course)["input_ids"]) < target:
             course += cases[j % len(cases)]["problem"] + "\n\n"
             j += 1
-        frame = len(tokenizer(wrap_prompt(tokenizer, workload, ""))["input_ids"])
+        frame = len(tokenizer(wrap_prompt(tokenizer, workload, "x"))["input_ids"]) - 1  # the tokens around the body
         texts.append(wrap_prompt(tokenizer, workload, cut(tokenizer, course, target - frame)))
     return texts
 
