@@ -610,11 +610,12 @@ def report(res: dict) -> str:
 def reprint(paths: list[str]) -> None:
     """The report of earlier runs, the medians taken again from their per-step records."""
     for path in paths:
-        run = json.loads(Path(path).read_text())
-        print(f"# {path}: {run['date']}, checkout {run['commit']}, {run['device']}\n# {' '.join(run['argv'])}")
-        for res in run["results"]:
-            res["variants"] = {name: summarize(v["per_step"]) for name, v in res["variants"].items()}
-            print(report(res))
+        saved = json.loads(Path(path).read_text())
+        for run in saved.get("runs", [saved]):  # one run's file, or several runs gathered in one
+            print(f"# {run['date']}, checkout {run['commit']}, {run['device']}\n# {' '.join(run['argv'])}")
+            for res in run["results"]:
+                res["variants"] = {name: summarize(v["per_step"]) for name, v in res["variants"].items()}
+                print(report(res))
 
 
 # ----------------------------------------------------------------------------- main
