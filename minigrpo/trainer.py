@@ -365,7 +365,8 @@ class GRPOTrainer:
         state = self.run_dir.load(self.policy, self.optimizer)
         if state is not None:
             self.load_state_dict(state)
-            self.sync_weights()  # the engine still holds the initial weights
+        if state is not None or self.cfg.rollout.engine == "vllm_server":
+            self.sync_weights()  # a resumed run's engine holds the initial weights; a server, anyone's
         self.run_dir.begin(self.total_steps)
         if self.dist.is_main:
             print(

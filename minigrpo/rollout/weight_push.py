@@ -116,7 +116,10 @@ class WeightPusher:
         self.bucket_bytes = bucket_bytes
         self.device = torch.device("cpu") if backend == GLOO else torch.device("cuda", torch.cuda.current_device())
         host = address_towards(clients[0].url)
-        port = free_port(host)
+        # gloo: our end of the group listens on a socket bound here. Under torchrun (TORCHELASTIC_USE_AGENT_STORE)
+        # a store opened by address alone would only connect as a client, and nobody would listen.
+        self.listener = socket.create_server((host, 0)) if backend == GLOO else None
+        port = self.listener.getsockname()[1] if self.listener is not None else free_port(host)
         world = 1 + sum(world_sizes)
         offsets = [1 + sum(world_sizes[:k]) for k in range(len(clients))]
         common = dict(master_address=host, master_port=port, world_size=world, expected_model=expected_model)
@@ -138,7 +141,7 @@ class WeightPusher:
 
             return stateless_init_torch_distributed_process_group(
                 host, port, 0, world, backend="gloo", group_name=f"minigrpo_weights_{port}",
-                timeout=timedelta(seconds=self.timeout_s))
+                timeout=timedelta(seconds=self.timeout_s), listen_socket=self.listener)
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
         torch.cuda.set_device(self.device)  # a fresh thread starts on device 0; NCCL takes the current one
