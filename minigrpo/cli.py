@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable
 
 from minigrpo import interrupt
@@ -55,8 +56,11 @@ def run_command(body: Callable[[], object]) -> int:
     if code and under_torchrun():
         # torchrun SIGTERMs the other workers as soon as one exits, and a worker still in interpreter
         # shutdown (signal handlers back to their defaults) would report "killed by SIGTERM" instead
-        # of its own code: nothing is left to clean up, so leave now.
+        # of its own code: nothing is left to clean up, so leave now. Ranks other than 0 wait a moment
+        # first: were one of them first out, torchrun could stop rank 0 before it printed the line.
         sys.stdout.flush()
         sys.stderr.flush()
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            time.sleep(interrupt.PEER_DELAY_S)
         os._exit(code)
     return code

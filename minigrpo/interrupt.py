@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 GRACE_S = 30.0  # after the first signal, the process exits even if it is stuck outside Python
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PEER_DELAY_S = 3.0  # under torchrun, how long ranks other than 0 wait before stopping, so rank 0 speaks first
 
 
 class Interrupted(KeyboardInterrupt):
@@ -124,6 +125,10 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            # rank 0 stops first and says so; a rank that left first would make rank 0's next collective
+            # fail with a gloo error instead of the one line
+            time.sleep(PEER_DELAY_S)
         _reason[signal.SIGTERM] = f"stopped (the torchrun launcher, pid {parent}, died)"
         os.kill(os.getpid(), signal.SIGTERM)
 

