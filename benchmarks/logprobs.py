@@ -17,10 +17,13 @@ grads on logp and, with entropy, on the entropy):
     python benchmarks/logprobs.py --preset cpu
     python benchmarks/logprobs.py --preset gpu          # Qwen2.5-1.5B and -7B heads
     python benchmarks/logprobs.py --shape 2048,1024,50257 --dtype bf16
+    python benchmarks/logprobs.py --preset cpu --baseline /tmp/kbase    # + 'fused@base': that
+        checkout's minigrpo/kernels (e.g. `git worktree add /tmp/kbase <commit>`), interleaved
 """
 
 import argparse
 import datetime
+import importlib.util
 import os
 import resource
 import statistics
@@ -81,12 +84,26 @@ def impls(args):
             return chunked_logprobs(h, w, t, 1.0, ent, **kw)
         return fused_logprobs(h, w, t, 1.0, ent, backend=args.backend)
     table = {"fused": fused, "naive": naive, "liger": liger, "cce": cce}
+    if args.baseline:
+        base = baseline_kernels(args.baseline)
+        table["fused@base"] = lambda h, w, t, ent: base.fused_logprobs(h, w, t, 1.0, ent, backend=args.backend)
     return {k: table[k] for k in args.impls.split(",")}
+
+
+def baseline_kernels(tree):
+    """minigrpo.kernels of another checkout, imported under its own name (its relative imports follow)."""
+    pkg = os.path.join(os.path.abspath(tree), "minigrpo", "kernels")
+    spec = importlib.util.spec_from_file_location("baseline_kernels", os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_kernels"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def availability(name, device):
     """None if runnable, else the reason it is skipped."""
-    if name in ("fused", "naive"):
+    if name in ("fused", "naive", "fused@base"):
         return None
     mod = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}[name]
     try:
@@ -171,6 +188,8 @@ def peak_extra(args, shape, name, mode, ent):
 def child_flags(args):
     flags = ["--dtype", args.dtype, "--device", args.device, "--backend", args.backend,
              "--impls", args.impls]
+    if args.baseline:
+        flags += ["--baseline", args.baseline]
     for k in ("chunk_n", "chunk_v"):
         if getattr(args, k):
             flags += ["--" + k.replace("_", "-"), str(getattr(args, k))]
@@ -246,6 +265,11 @@ def verdict(rows):
         print(f"- entropy {'on' if ent else 'off'}: memory {mem / nmem:.3f}x naive (<= 0.125: "
               f"{'PASS' if ok_m else 'FAIL'}), time {sec / nsec:.2f}x naive (<= 1.5: "
               f"{'PASS' if ok_t else 'FAIL'})")
+    for (name, ent, mode), (sec, mem) in rows.items():
+        if name == "fused" and ("fused@base", ent, mode) in rows:
+            bsec, bmem = rows[("fused@base", ent, mode)]
+            print(f"- entropy {'on' if ent else 'off'}, {mode}: fused / fused@base time {sec / bsec:.3f}, "
+                  f"memory {mem / max(bmem, 1):.3f}")
 
 
 def main():
@@ -260,12 +284,15 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-n", type=int, default=0)
     p.add_argument("--chunk-v", type=int, default=0)
+    p.add_argument("--baseline", help="another checkout: adds 'fused@base', its kernels, to the impls")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     if args.child:
         return child(args)
+    if args.baseline and "fused@base" not in args.impls.split(","):
+        args.impls += ",fused@base"
     if "naive" in args.impls.split(","):   # ratios are against naive: run it first
         args.impls = ",".join(["naive"] + [x for x in args.impls.split(",") if x != "naive"])
     shapes = ([tuple(map(int, s.split(","))) for s in args.shape] if args.shape
