@@ -27,7 +27,7 @@ from minigrpo import grpo
 from minigrpo.checkpoint import export_hf, python_rng_from_json, python_rng_to_json
 from minigrpo.config import ConfigError, GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from minigrpo.config import RolloutConfig, RunConfig, section, to_dict
-from minigrpo.dist import init_distributed
+from minigrpo.dist import barrier, init_distributed
 from minigrpo.io import DataError
 from minigrpo.metrics import PhaseTimer, peak_flops
 from minigrpo.model import DTYPES, load_tokenizer, model_context
@@ -276,6 +276,10 @@ class GRPOTrainer:
     def sync_weights(self) -> None:
         """Stream the new full weights into the engine, one tensor at a time, cast to the engine's dtype
         before the gather (half the traffic in bf16)."""
+        if self.cfg.rollout.max_staleness and self.dist.world_size > 1:
+            # every rank's batch in flight is generated before any push pauses a shared server: a rank
+            # still waiting for its paused requests would never join the push's all-gathers
+            barrier()
         dtype = DTYPES[engine_dtype(self.cfg.rollout, self.dist.device)]
         self.engine.load_weights(iter_full_state_dict(self.policy, dtype=None if dtype == torch.float32 else dtype))
 
@@ -365,8 +369,7 @@ class GRPOTrainer:
         state = self.run_dir.load(self.policy, self.optimizer)
         if state is not None:
             self.load_state_dict(state)
-        if state is not None or self.cfg.rollout.engine == "vllm_server":
-            self.sync_weights()  # a resumed run's engine holds the initial weights; a server, anyone's
+            self.sync_weights()  # the engine still holds the initial weights
         self.run_dir.begin(self.total_steps)
         if self.dist.is_main:
             print(
