@@ -1,8 +1,9 @@
 """Seconds per GRPO step and per phase: minigrpo with the shared prompt on and off, TRL's GRPOTrainer, the floor.
 
-    python benchmarks/grpo_step.py --preset small --workloads short,long --steps 3 \\
+    OMP_NUM_THREADS=1 python benchmarks/grpo_step.py --preset small --workloads short,long --steps 3 \\
         --trl-python /tmp/trl-venv/bin/python --out /tmp/grpo_step.json
     python benchmarks/grpo_step.py --workloads drg-demo --work-dir /tmp/gstep      # the DRG demo's GRPO section
+    python benchmarks/grpo_step.py --report /tmp/grpo_step.json                    # print saved results again
 
 The contract (issue 12): 8 prompts x 8 samples x 64 new tokens at temperature 1, k3 KL at beta 0.04 against a
 frozen reference, DAPO token-mean, one update per batch (so no old-policy pass), AdamW at a constant lr 1e-5 with
@@ -14,7 +15,11 @@ the recipe's text. `drg-demo` runs the GRPO section of recipes/drg/configs/demo.
 the dense DRG reward (shared prompt on and off; in a tree without `grpo.shared_prompt`, the one layout it has).
 
 Interleaving: every trainer lives at once and takes one step in turn (the order rotating each round), after
-`--warmup` untimed steps, so load drifting on a shared machine hits all alike; medians are reported.
+`--warmup` untimed steps, so load drifting on a shared machine hits all alike; medians are reported. Two clocks:
+wall seconds (the trainers' own phase timers) and CPU seconds of the trainer's process around each phase, which a
+loaded machine disturbs far less. On a shared CPU machine run one thread per trainer (OMP_NUM_THREADS=1): more
+threads than free cores make every parallel op wait for a descheduled thread. The work folder keeps the model and
+cases, so a run from another checkout (`git worktree add`) can reuse them with `--work-dir` or `--model`.
 
 TRL runs in its own interpreter (it is no dependency of minigrpo), driven step by step over a pipe:
 
