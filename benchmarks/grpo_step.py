@@ -21,16 +21,7 @@ loaded machine disturbs far less. On a shared CPU machine run one thread per tra
 threads than free cores make every parallel op wait for a descheduled thread. The work folder keeps the model and
 cases, so a run from another checkout (`git worktree add`) can reuse them with `--work-dir` or `--model`.
 
-TRL runs in its own interpreter (it is no dependency of minigrpo), driven step by step over a pipe:
-
-    python3 -m venv /tmp/trl-venv && /tmp/trl-venv/bin/pip install torch==2.13.0 trl transformers==5.19.0
-
-It gets the same model folder, prompt texts (tokenized by the same tokenizer), reward and config: num_generations 8,
-max_completion_length 64, beta 0.04, loss_type "dapo", 8 completions per micro-batch x 8 accumulation steps (64
-completions and one generation per optimizer step), temperature 1, HF generate (no vLLM), fp32 with bf16 and
-gradient checkpointing off (TRL turns both on by default), constant lr 1e-5. Its phases are timed by wrapping
-`_generate` + `_calculate_rewards` (generate) and `_get_per_token_logps_and_entropies` on the reference model;
-update = the rest of the step. TRL's generate uses the policy itself: it has no weight sync.
+TRL runs in its own interpreter, stepped over a pipe (benchmarks/grpo_step_trl.py says how to make its venv).
 
 The floor: the FLOPs of the tokens that must be processed (each prompt once per group, each completion token once,
 the LM head only on scored tokens) at the fp32 matmul rate measured in this run ([4096 x H] @ [H x 4H]). One forward
@@ -58,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES = ("generate", "reference", "old", "update", "sync")
-STEP_MARK = "GRPO_STEP_JSON "  # the TRL worker's result lines on stdout start with this
 WORKLOADS = {"short": (50, 70), "long": (600, 900)}  # prompt tokens, drawn uniformly per prompt
 G, P, NEW_TOKENS = 8, 8, 64  # samples per prompt, prompts per step, completion budget
 
@@ -242,163 +232,6 @@ def has_shared_prompt() -> bool:
     return "shared_prompt" in {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
-# ----------------------------------------------------------------------------- TRL (its own interpreter)
-
-
-class TRLVariant:
-    """TRL's GRPOTrainer in a subprocess that takes one optimizer step per 'go' line and answers with its timings."""
-
-    name = "TRL"
-
-    def __init__(self, python: str, spec: dict, work: Path):
-        spec_path, self.log = work / "trl_spec.json", work / "trl_worker.log"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [python, __file__, "--trl-worker", str(spec_path)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                cwd=ROOT,
-                env=env,
-            )
-        self.info = self._read()  # the worker is ready: TRL's version, its tokenization of the prompts
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(STEP_MARK):
-                return json.loads(line[len(STEP_MARK) :])
-        raise RuntimeError(f"the TRL worker ended (exit {self.proc.wait()}); see {self.log}")
-
-    def step(self) -> dict:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=600)
-
-
-def trl_worker(spec_path: str) -> None:
-    """Runs under the TRL interpreter: only torch, transformers, datasets and trl are imported."""
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer, __version__
-
-    from examples.digits import digit_fraction
-
-    def emit(record: dict) -> None:
-        print(STEP_MARK + json.dumps(record), flush=True)
-
-    def reward(prompts, completions, **kwargs):
-        return [digit_fraction(c) for c in completions]
-
-    args = GRPOConfig(
-        output_dir=spec["out"],
-        per_device_train_batch_size=G,
-        gradient_accumulation_steps=P,
-        num_generations=G,
-        max_completion_length=NEW_TOKENS,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        beta=0.04,
-        loss_type="dapo",
-        epsilon=0.2,
-        learning_rate=1e-5,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        max_steps=spec["steps"],
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        shuffle_dataset=False,
-        dataloader_num_workers=0,
-        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-    )
-    dataset = Dataset.from_dict({"prompt": spec["prompts"]})
-    trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward, args=args, train_dataset=dataset)
-    seconds, cpu, tokens = {}, {}, {}
-
-    def add(table: dict, key: str, value: float) -> None:
-        table[key] = table.get(key, 0) + value
-
-    def timed(phase_of, fn):
-        """fn, its seconds added to the phase that phase_of(*args, **kwargs) names."""
-
-        def wrapper(*args, **kwargs):
-            phase = phase_of(*args, **kwargs)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            out = fn(*args, **kwargs)
-            add(seconds, phase, time.perf_counter() - start)
-            add(cpu, phase, time.process_time() - start_cpu)
-            return out
-
-        return wrapper
-
-    def logps_phase(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs) -> str:
-        """reference (the frozen model), forward (the loss's, with grad; part of update) or old."""
-        phase = "reference" if model is trainer.ref_model else "forward" if torch.is_grad_enabled() else "old"
-        add(tokens, f"{phase}_positions", input_ids.numel())
-        add(tokens, f"{phase}_fed", int(attention_mask.sum()))
-        add(tokens, f"{phase}_pairs", input_ids.shape[0] * input_ids.shape[1] ** 2)
-        add(tokens, f"{phase}_head_rows", int(attention_mask[:, -logits_to_keep:].sum()))  # its head: labelled rows
-        return phase
-
-    generate_one = trainer._generate_single_turn
-
-    def counted_generate(prompt_ids, *a, **k):
-        completion_ids, logprobs = generate_one(prompt_ids, *a, **k)
-        longest = max(len(c) for c in completion_ids)  # HF generate feeds every row until all are done
-        add(tokens, "generate_fed", len(prompt_ids) * (max(map(len, prompt_ids)) + max(longest - 1, 0)))
-        add(tokens, "completion_tokens", sum(map(len, completion_ids)))
-        return completion_ids, logprobs
-
-    trainer._generate_single_turn = counted_generate
-    trainer._generate = timed(lambda *args, **kwargs: "generate", trainer._generate)
-    trainer._calculate_rewards = timed(lambda *args, **kwargs: "generate", trainer._calculate_rewards)
-    trainer._get_per_token_logps_and_entropies = timed(logps_phase, trainer._get_per_token_logps_and_entropies)
-
-    class Lockstep(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if sys.stdin.readline().strip() != "go":
-                raise SystemExit(0)
-            for table in (seconds, cpu, tokens):
-                table.clear()
-            self.start, self.start_cpu = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            steps = {
-                "wall": (seconds, time.perf_counter() - self.start),
-                "cpu": (cpu, time.process_time() - self.start_cpu),
-            }
-            record = {"tokens": dict(tokens)}
-            for clock, (table, step) in steps.items():
-                phases = {phase: table.get(phase, 0.0) for phase in ("generate", "reference", "old", "sync")}
-                phases["update"] = step - sum(phases.values())  # loss forwards, backwards, optimizer, the rest
-                record[clock] = {"seconds": phases, "step": step}
-            emit(record)
-
-    trainer.add_callback(Lockstep())
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    prompt_tokens = [len(ids) for ids in tokenizer(spec["prompts"])["input_ids"]]
-    emit({"trl": __version__, "prompt_tokens": prompt_tokens, "threads": torch.get_num_threads()})
-    trainer.train()
-
-
 # ----------------------------------------------------------------------------- one workload
 
 
@@ -489,10 +322,13 @@ def run_workload(workload: str, args, work: Path) -> dict:
     else:
         model_dir, prompts, texts, reward_fn, yaml_path, overrides = contract_setup(workload, args, work, steps)
     shape = model_shape(model_dir)
+    from benchmarks.grpo_step_trl import TRLVariant
+
     trl = None
     if texts is not None and args.trl_python:  # started first: its start-up is over before anything is timed
         spec = {"model": str(model_dir), "prompts": texts, "steps": steps, "threads": torch.get_num_threads()}
-        trl = TRLVariant(args.trl_python, spec | {"out": str(work / "trl")}, work)
+        contract = {"samples": G, "prompts_per_step": P, "new_tokens": NEW_TOKENS, "out": str(work / "trl")}
+        trl = TRLVariant(args.trl_python, spec | contract, work)
     layouts = {"shared": "true", "unshared": "false"} if has_shared_prompt() else {"minigrpo": None}
     variants = []
     for name, shared in layouts.items():
@@ -637,7 +473,6 @@ def commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL's side from this spec file
     ap.add_argument("--workloads", default="short,long", help="comma-separated: short, long, drg-demo")
     ap.add_argument("--preset", default="small", choices=["tiny", "small", "base"], help="minigrpo.tiny preset")
     ap.add_argument("--model", help="an existing HF model folder instead of the random preset model")
@@ -648,8 +483,6 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--report", nargs="+", help="print the tables of these JSON results again, run nothing")
     args = ap.parse_args()
-    if args.trl_worker:
-        return trl_worker(args.trl_worker)
     if args.report:
         return reprint(args.report)
     from benchmarks._device import describe
