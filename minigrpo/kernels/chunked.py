@@ -12,8 +12,7 @@ Gradients w.r.t. the logits, given per-row upstream grads g (for logp) and e (fo
 so  dz_j = g (onehot_j - p_j) - e p_j (log p_j + Ent)
 and grad_h = dz @ W / T,  grad_W = dz^T @ h / T.
 Backward has the Triton path's structure (triton_kernels.py): per tile, d_logits first, then the
-two GEMMs. Without entropy, dz = g (onehot - p) keeps g as a row factor, which is applied to the
-[rows, H] GEMM operand or product rather than to the tile.
+two GEMMs.
 
 Memory argument: the naive path keeps several [N, V] fp32 tensors alive (logits,
 log_softmax output saved for backward, probabilities for the entropy, and their
@@ -153,8 +152,6 @@ def chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_t,
     cn, cv = max(1, min(chunk_n, n_rows)), min(chunk_v, vocab)
     z_buf = torch.empty(cn * cv, dtype=acc, device=dev)
     p_buf = torch.empty(cn * cv, dtype=acc, device=dev)
-    logp_only = g_ent is None
-    prod_buf = torch.empty(cn * hdim, dtype=acc, device=dev) if logp_only and need_h else None
     grad_h = torch.zeros(n_rows, hdim, dtype=acc, device=dev) if need_h else None
     grad_w = torch.zeros(vocab, hdim, dtype=acc, device=dev) if need_w else None
     for n0 in range(0, n_rows, cn):
@@ -163,9 +160,7 @@ def chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_t,
         h = hidden[n0:n1].to(acc)                                  # (cn, H)
         neg_lse = -lse[n0:n1, None]                                # (cn, 1)
         gl = g_lp[n0:n1, None]                                     # (cn, 1)
-        if logp_only:
-            h_g = h * gl if need_w else None                       # (cn, H)
-        else:
+        if g_ent is not None:
             ge = g_ent[n0:n1, None]                                # (cn, 1)
             c = gl + ge * ent[n0:n1, None]                         # (cn, 1)
         t_r = targets[n0:n1]
@@ -178,21 +173,15 @@ def chunked_backward(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_t,
             # log p = z/T - lse straight out of the GEMM (bias broadcast, beta=1).
             torch.addmm(neg_lse, h, w.t(), alpha=inv_t, out=z)
             torch.exp(z, out=p)                                    # p
+            # Build ndz = -dz in place (the sign goes into the GEMM alpha below):
+            #   ndz = p (g + e (log p + Ent)) - g onehot = p (e log p + c) - g onehot
+            if g_ent is not None:
+                ndz = z.mul_(ge).add_(c).mul_(p)
+            else:
+                ndz = p.mul_(gl)
             col, hit = _target_cols(t_r, v0, cols)
-            # ndz = -dz; its sign and the chain rule's 1/T go into the GEMMs' alpha = -1/T.
-            if logp_only:
-                # ndz = g (p - onehot): the row factor g is applied to the (rows, H) GEMM
-                # operand h or product p @ W instead of the (rows, cols) tile, one pass fewer.
-                p.scatter_add_(1, col[:, None], -hit[:, None].to(acc))
-                if need_h:
-                    prod = torch.mm(p, w, out=_tile(prod_buf, rows, hdim))
-                    grad_h[n0:n1].addcmul_(prod, gl, value=-inv_t)
-                if need_w:
-                    grad_w[v0:v1].addmm_(p.t(), h_g, alpha=-inv_t)
-                continue
-            # ndz = p (g + e (log p + Ent)) - g onehot = p (e log p + c) - g onehot, in place
-            ndz = z.mul_(ge).add_(c).mul_(p)
             ndz.scatter_add_(1, col[:, None], torch.where(hit[:, None], -gl, 0.0))
+            # alpha = -1/T: the sign of ndz and the chain rule's 1/T in one place.
             if need_h:
                 grad_h[n0:n1].addmm_(ndz, w, alpha=-inv_t)
             if need_w:
