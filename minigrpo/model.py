@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minigrpo import attention
 from minigrpo.io import InputError
 from minigrpo.kernels import fused_logprobs
 
@@ -122,11 +123,15 @@ def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Ten
 
 
 class LogprobModel(nn.Module):
-    """An HF causal LM whose forward returns log-probs of `targets` (and entropy), not logits."""
+    """An HF causal LM whose forward returns log-probs of `targets` (and entropy), not logits.
+
+    An sdpa model is pointed at `attention.shared_prompt_attention` (plain sdpa for every mask but
+    the shared-prompt one, which it computes pair by needed pair)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.scores_needed_pairs = attention.install(lm)
 
     @property
     def config(self):
@@ -136,7 +141,7 @@ class LogprobModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # (B, T)
         targets: torch.Tensor,  # (B, T), IGNORE_INDEX where not scored; or (N,) with score_index
-        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token, or (B, 1, T, T) bool (True = attend)
+        attention_mask: torch.Tensor | attention.SharedPromptMask | None = None,  # (B, T) 1 = real token
         position_ids: torch.Tensor | None = None,  # (B, T) for packed rows
         temperature: float = 1.0,
         return_entropy: bool = False,
@@ -146,7 +151,12 @@ class LogprobModel(nn.Module):
 
         Without `score_index`: targets (B, T) -> (B, T) outputs, 0 where not scored (the rows are
         found on the host: one sync). With it: targets (N,) -> (N,) outputs for those rows."""
-        if attention_mask is not None and attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+        if isinstance(attention_mask, attention.SharedPromptMask):
+            # a prepared mask mapping: HF builds no mask of its own and hands ours to the attention function
+            mask = attention_mask
+            attention_mask = {"full_attention": mask} if self.scores_needed_pairs else mask.dense()
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and \
+                self.lm.config._attn_implementation == "eager":
             # eager attention adds the mask to the scores: a bool "may attend" mask becomes 0 / -large
             attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
                 ~attention_mask, torch.finfo(torch.float32).min

@@ -239,7 +239,7 @@ def test_max_batch_rows_bounds_the_kv_cache(tiny_model_dir, monkeypatch):
 def test_prefill_attention_avoids_masked_gqa_where_repeat_kv():
     """Masked GQA repeats the KV heads (CUDA's fused kernels then qualify); unpadded prefill is plain causal.
     Every path gives the same numbers as the reference."""
-    from minigrpo.rollout.torch_engine import prefill_attention
+    from minigrpo.attention import sdpa as prefill_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, L, d = 2, 4, 2, 6, 8
@@ -260,10 +260,10 @@ def test_prefill_attention_avoids_masked_gqa_where_repeat_kv():
                       kwargs.get("is_causal", False)))
         return sdpa(query, key, value, **kwargs)
 
-    import minigrpo.rollout.torch_engine as torch_engine
+    import minigrpo.attention as attention
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_engine.F, "scaled_dot_product_attention", recording)
+        mp.setattr(attention.F, "scaled_dot_product_attention", recording)
         on_cuda = prefill_attention(q, k, v, mask, d**-0.5, repeat_kv=True)
         on_cpu = prefill_attention(q, k, v, mask, d**-0.5, repeat_kv=False)
         causal = prefill_attention(q, k, v, None, d**-0.5, repeat_kv=True)

@@ -127,7 +127,7 @@ def test_shared_layout_computes_each_prompt_once_per_micro_batch():
     # row 0: [5 6 7 | 1 2 | 3]; completion tokens continue the prompt's positions
     assert rows.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]
     # token "3" (index 5) sees the prompt and itself, not the other completion
-    assert rows.attention_mask[0, 0, 5].tolist() == [True, True, True, False, False, True]
+    assert rows.attention_mask.dense()[0, 0, 5].tolist() == [True, True, True, False, False, True]
     # the first token of every completion is scored from the prompt's last position (index 2)
     assert rows.score_index[:2].tolist() == [2, 3] and rows.score_index[2].item() == 2
 
@@ -152,8 +152,50 @@ def test_lm_head_runs_only_on_scored_rows(tiny_model_dir, float64_model, monkeyp
     # and it matches the head over every row (full logits, float64)
     rows = mbs[0].rows
     with torch.no_grad():
-        hidden = model.lm.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
+        hidden = model.lm.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask.dense(),
                                 position_ids=rows.position_ids).last_hidden_state
         logits = model.lm.lm_head(hidden).reshape(-1, model.lm.config.vocab_size) / 0.9
         full = torch.log_softmax(logits, -1)[rows.score_index].gather(1, rows.targets[:, None])[:, 0]
     torch.testing.assert_close(logp[mbs[0].mask.bool()].detach(), full, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_scores_only_the_needed_pairs(tiny_model_dir, float64_model, monkeypatch):
+    """With sdpa, a shared-prompt row goes through two SDPA calls per layer, (R, P_max) causal and
+    (S, L_max) x (P_max + L_max) masked, never over the (T, T) row; the dense mask (eager) gives the
+    same outputs."""
+    import minigrpo.attention as attention
+
+    model = _model(tiny_model_dir, "sdpa")
+    assert model.scores_needed_pairs and model.lm.config._attn_implementation == attention.NAME
+    groups = _ragged_groups(tiny_model_dir)
+    mbs, _ = pack_groups(groups, torch.zeros(3, 4, dtype=torch.float64), 16, PAD, 7)
+    rows = mbs[0].rows
+    R, T = rows.input_ids.shape
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, **kwargs):
+        shapes.append((tuple(query.shape[::2]), key.shape[2], kwargs.get("is_causal", False)))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    logp, entropy = _scores(model, mbs[0])
+    S = sum(1 for g in groups for c in g.completions if c.token_ids)  # completions with a token: 7
+    layers = model.lm.config.num_hidden_layers
+    assert shapes == [((R, 9), 9, True), ((S, 7), 9 + 7, False)] * layers  # prompts 1, 5, 9; completions <= 7
+    assert all(q * k < T * T for (_, q), k, _ in shapes)
+    dense = _model(tiny_model_dir, "eager")
+    dense_logp, dense_entropy = _scores(dense, mbs[0])
+    torch.testing.assert_close(logp, dense_logp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy, dense_entropy, rtol=1e-12, atol=1e-12)
+
+
+def test_other_masks_take_plain_sdpa(tiny_model_dir):
+    """The installed attention is HF's sdpa for a 2D padding mask: the same logits as a model left alone."""
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    LogprobModel(lm)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)

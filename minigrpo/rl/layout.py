@@ -7,15 +7,17 @@ The loss, advantages and every log-prob field live there, so the layout changes 
     per completion  one row per completion, [prompt, completion], right-padded; the prompt is
                     computed G times per group
     shared prompt   one row per group, [prompt, c_1, ..., c_G]: the prompt is computed once, each
-                    completion attends to the prompt and to its own causal prefix only (a 4D mask)
-                    and its positions continue from the prompt's end, as in its own row. The first
-                    token of every completion is predicted from the prompt's last hidden state, so
-                    that state is scored G times; its gradient is the sum over the G completions,
-                    exactly the per-completion gradient (autograd of the gather).
+                    completion attends to the prompt and to its own causal prefix only, and its
+                    positions continue from the prompt's end, as in its own row. The first token of
+                    every completion is predicted from the prompt's last hidden state, so that state
+                    is scored G times; its gradient is the sum over the G completions, exactly the
+                    per-completion gradient (autograd of the gather).
 
-The model reads `input_ids`, `attention_mask` (2D padding mask, or a (R, 1, T, T) bool mask: True =
-attend), `position_ids`, and scores only the rows in `score_index` (into the flattened (R * T)
-hidden states) against `targets`: the LM head never runs on prompt or padding rows.
+The model reads `input_ids`, `attention_mask` (a 2D padding mask, or the shared-prompt rows'
+`attention.SharedPromptMask`: sdpa models then score only the query-key pairs it allows, other ones
+get it as a dense (R, 1, T, T) bool mask), `position_ids`, and scores only the rows in `score_index`
+(into the flattened (R * T) hidden states) against `targets`: the LM head never runs on prompt or
+padding rows.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from minigrpo.attention import SharedPromptMask
+
 
 @dataclass(slots=True)
 class ScoredRows:
     input_ids: Tensor  # (R, T) int64
-    attention_mask: Tensor  # (R, T) 1 = real token, or (R, 1, T, T) bool, True = query may attend to key
+    attention_mask: Tensor | SharedPromptMask  # (R, T) 1 = real token, or the shared-prompt rows' mask
     position_ids: Tensor  # (R, T)
     score_index: Tensor  # (N,) int64, flat index into (R * T) of the hidden state predicting each scored token
     targets: Tensor  # (N,) int64, the scored tokens
@@ -100,15 +104,12 @@ def per_completion_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pa
 
 def shared_prompt_rows(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> ScoredRows:
     """One row [prompt, c_1, ..., c_G] per (prompt ids, [completion ids]) group, with the mask and
-    positions described in the module docstring. Padding queries attend to themselves only (a query
-    with no key would give NaN in softmax, and NaN times a zero gradient is still NaN)."""
+    positions described in the module docstring (the mask as a `SharedPromptMask`)."""
     row_lengths = [len(p) + sum(len(c) for c in cs) for p, cs in groups]
     T, R = max(row_lengths), len(groups)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
-    allowed = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # (R, T, T) query x key
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    score_index, targets, lengths = [], [], []
+    score_index, targets, lengths, spans = [], [], [], []
     for r, (prompt, completions) in enumerate(groups):
         P = len(prompt)
         if P == 0:
@@ -117,24 +118,22 @@ def shared_prompt_rows(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[i
             )
         input_ids[r, :P] = torch.as_tensor(list(prompt), dtype=torch.long)
         position_ids[r, :P] = torch.arange(P)
-        allowed[r, :P, :P] = causal[:P, :P]
         start = P
         for completion in completions:
             n = len(completion)
             end = start + n
             input_ids[r, start:end] = torch.as_tensor(list(completion), dtype=torch.long)
             position_ids[r, start:end] = torch.arange(P, P + n)
-            allowed[r, start:end, :P] = True  # the prompt
-            allowed[r, start:end, start:end] = causal[:n, :n]  # its own causal prefix
             # token 0 is predicted by the prompt's last position, token k > 0 by the completion's token k - 1
             score_index += [r * T + (P - 1 if k == 0 else start + k - 1) for k in range(n)]
             targets += list(completion)
             lengths.append(n)
+            spans.append((r, start, n))
             start = end
     out_index, shape = _completion_space(lengths)
     return ScoredRows(
         input_ids,
-        allowed[:, None],
+        SharedPromptMask.build([len(p) for p, _ in groups], spans, T),
         position_ids,
         torch.tensor(score_index, dtype=torch.long),
         torch.tensor(targets, dtype=torch.long),

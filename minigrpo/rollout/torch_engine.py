@@ -26,9 +26,9 @@ import os
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from minigrpo.attention import sdpa
 from minigrpo.rollout.base import Completion, SamplingParams, check_request
 from minigrpo.rollout.sampling import sample_tokens
 
@@ -243,7 +243,7 @@ def _kv_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     S = q if attention_mask is None else attention_mask.shape[-1]
     key, value = key[:, :, :S], value[:, :, :S]
     if q > 1:  # prefill: one big fused kernel is best
-        out = prefill_attention(query, key, value, attention_mask, scaling, repeat_kv=query.is_cuda)
+        out = sdpa(query, key, value, attention_mask, scaling, repeat_kv=query.is_cuda)
         return out.transpose(1, 2).contiguous(), None
     Hkv = key.shape[1]
     qg = query.reshape(B, Hkv, H // Hkv, d)  # (B, Hkv, groups, d): heads sharing a KV head, side by side
@@ -253,27 +253,6 @@ def _kv_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     probs = scores.float().softmax(dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, Hkv, groups, d)
     return out.reshape(B, 1, H, d), None
-
-
-def prefill_attention(query, key, value, mask, scaling, repeat_kv: bool) -> torch.Tensor:
-    """SDPA for a prefill: query (B, H, L, d), key/value (B, Hkv, L, d), mask (B, 1, L, L) bool or None
-    (causal). Returns (B, H, L, d).
-
-    Which SDPA kernel runs matters on CUDA: a prompt batch of 8 x 8k tokens costs the math kernel
-    (B, H, L, L) fp32 scores, tens of GB per layer. Unpadded prompts take `is_causal` with no mask, which
-    the flash kernel accepts with GQA. With a mask (left padding) flash is out, and whether the
-    memory-efficient kernel accepts `enable_gqa` depends on the torch version; transformers'
-    `use_gqa_in_sdpa` refuses masked GQA on CUDA for this reason. So there (`repeat_kv`) the KV heads are
-    repeated to H first: (B, H, L, d) extra per layer, against (B, H, L, L) for the math kernel. CPU keeps
-    `enable_gqa` with the mask (its fused kernel takes both).
-    """
-    H, Hkv = query.shape[1], key.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=H != Hkv)
-    if repeat_kv and H != Hkv:
-        key, value = key.repeat_interleave(H // Hkv, dim=1), value.repeat_interleave(H // Hkv, dim=1)  # (B, H, L, d)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=H != Hkv)
 
 
 @contextlib.contextmanager
