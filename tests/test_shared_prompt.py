@@ -1,27 +1,37 @@
 """Each prompt computed once per group gives exactly the per-completion computation (float64, CPU).
 
-The shared-prompt layout (rl/layout.py) packs a group as [prompt, c_1, ..., c_G] with a 4D mask; the
+The shared-prompt layout (rl/layout.py) packs a group as [prompt, c_1, ..., c_G]; sdpa models score
+only the needed query-key pairs (minigrpo/attention.py), eager ones take the dense 4D mask. The
 per-completion layout gives every completion its own [prompt, c_i] row. Their per-token log-probs,
 entropies, losses and parameter gradients must agree to float64 precision, for every aggregation,
 for sdpa and eager attention, with groups of different sizes and lengths, empty and one-token
-completions, one-token prompts, several groups per micro-batch and a group split over two.
+completions, one-token prompts, several groups per micro-batch and a group split over two, and on
+2 gloo ranks under FSDP2.
 
 HF's Qwen2 computes RMSNorm and eager attention's softmax in float32 whatever the input dtype; the
-`float64_model` fixture removes those two casts, so that both layouts are compared at float64
-precision (with them, the layouts still agree, but only to float32 rounding, ~1e-7).
+`float64_model` fixture (tests/dist/float64.py) removes those two casts, so that both layouts are
+compared at float64 precision (with them, the layouts still agree, but only to float32 rounding).
 """
+
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minigrpo import grpo
-from minigrpo.model import LogprobModel
-from minigrpo.rl.groups import Group
-from minigrpo.rl.layout import per_completion_rows, shared_prompt_rows
-from minigrpo.rl.micro_batches import pack_groups
-from minigrpo.rl.prompts import Prompt
-from minigrpo.rollout import Completion
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+import float64  # noqa: E402
+from launch import run  # noqa: E402
+
+from minigrpo import grpo  # noqa: E402
+from minigrpo.model import LogprobModel  # noqa: E402
+from minigrpo.rl.groups import Group  # noqa: E402
+from minigrpo.rl.layout import per_completion_rows, shared_prompt_rows  # noqa: E402
+from minigrpo.rl.micro_batches import pack_groups  # noqa: E402
+from minigrpo.rl.prompts import Prompt  # noqa: E402
+from minigrpo.rollout import Completion  # noqa: E402
 
 PAD = 0
 
@@ -42,19 +52,8 @@ def _groups(vocab: int, seed: int = 0) -> list[Group]:
 
 @pytest.fixture
 def float64_model(monkeypatch):
-    from transformers.models.qwen2 import modeling_qwen2
-
-    def rms_norm(self, hidden):  # Qwen2RMSNorm.forward without the float32 round trip
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
-
-    softmax = torch.nn.functional.softmax
-
-    def softmax_keeping_float64(x, dim=None, dtype=None, **kw):
-        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw)
-
-    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", rms_norm)
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax_keeping_float64)
+    for obj, name, value in float64.patches():
+        monkeypatch.setattr(obj, name, value)
 
 
 def _model(tiny_model_dir, attn):
@@ -199,3 +198,16 @@ def test_other_masks_take_plain_sdpa(tiny_model_dir):
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     with torch.no_grad():
         torch.testing.assert_close(lm(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+
+
+def test_two_ranks_fsdp_shared_prompt_equals_per_completion(tiny_model_dir, tmp_path):
+    """2 gloo ranks holding different groups, FSDP2 with activation checkpointing, micro-batches of 2
+    (groups split over them): the same global loss and full gradients with either layout."""
+    out = tmp_path / "result.json"
+    run(["tests/dist/shared_prompt_ranks.py", str(tiny_model_dir), str(out)], nproc=2)
+    results = json.loads(out.read_text())
+    assert set(results) == set(grpo.AGGREGATIONS)
+    for aggregation, r in results.items():
+        shared, alone = r["loss"]
+        assert alone != 0.0 and shared == pytest.approx(alone, rel=1e-12, abs=1e-14), aggregation
+        assert r["max_grad"] > 1e-3 and r["max_grad_diff"] <= 1e-10 * r["max_grad"], (aggregation, r)
