@@ -125,6 +125,17 @@ def needed_pairs(prompt: int, completions: list[int]) -> int:
     return prompt * (prompt + 1) // 2 + sum(n * prompt + n * (n + 1) // 2 for n in completions)
 
 
+def computed_pairs(rows) -> int:
+    """Query-key pairs the attention of one pass scores for these rows: per-completion rows (a padding mask)
+    R x T^2; shared-prompt rows (minigrpo/attention.py) the prompts causally, R x P(P+1)/2, and S x L x (P + L)
+    for the completions (P, L: the micro-batch's longest prompt and completion)."""
+    mask = rows.attention_mask
+    if hasattr(mask, "spans"):  # a SharedPromptMask
+        P, L, R = mask.prompt_len, mask.completion_len, rows.input_ids.shape[0]
+        return R * P * (P + 1) // 2 + len(mask.spans) * L * (P + L)
+    return rows.input_ids.shape[0] * rows.input_ids.shape[1] ** 2
+
+
 def token_counts(groups, mbs) -> dict:
     """Tokens of one step: needed (each prompt once per group), fed to the decoder, and LM-head rows."""
     prompt = [len(g.completions[0].prompt_ids) for g in groups]
@@ -144,7 +155,7 @@ def token_counts(groups, mbs) -> dict:
         "forward_positions": sum(r.input_ids.numel() for r in rows),  # the same with padding
         "head_rows": head,
         "needed_pairs": pairs,
-        "forward_pairs": sum(r.input_ids.shape[0] * r.input_ids.shape[1] ** 2 for r in rows),
+        "forward_pairs": sum(computed_pairs(r) for r in rows),
     }
 
 
