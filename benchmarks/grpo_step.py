@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -343,7 +344,9 @@ def run_workload(workload: str, args, work: Path) -> dict:
     layouts = {"shared": "true", "unshared": "false"} if has_shared_prompt() else {"minigrpo": None}
     variants = []
     for name, shared in layouts.items():
-        extra = [f"--run.output_dir={work / 'runs' / workload / name}"]
+        run_dir = work / "runs" / workload / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's scratch run (no checkpoints): a rerun starts over
+        extra = [f"--run.output_dir={run_dir}"]
         extra += [] if shared is None else [f"--grpo.shared_prompt={shared}"]
         variants.append(MinigrpoVariant(name, prompts, reward_fn, overrides + extra, yaml_path))
     prompt_tokens = [len(p.ids) for p in variants[0].trainer.prompts[: P * steps]]
