@@ -211,3 +211,34 @@ def test_two_ranks_fsdp_shared_prompt_equals_per_completion(tiny_model_dir, tmp_
         shared, alone = r["loss"]
         assert alone != 0.0 and shared == pytest.approx(alone, rel=1e-12, abs=1e-14), aggregation
         assert r["max_grad"] > 1e-3 and r["max_grad_diff"] <= 1e-10 * r["max_grad"], (aggregation, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_shared_prompt_attention_matches_per_completion(tiny_model_dir):
+    """On the GPU: fp32 shared-prompt rows give the per-completion log-probs and gradients; in bf16 they run
+    with SDPA's math backend switched off (the masked completion part repeats the KV heads, see
+    attention.sdpa) and stay close to fp32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    groups = _ragged_groups(tiny_model_dir)
+    adv = torch.tensor([[0.3, -1.2, 0.9, 0.4], [1.1, -0.7, 0.2, -0.6], [0.8, -0.8, 0.0, 0.0]])
+
+    def scores(dtype, shared):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="sdpa").cuda()
+        model = LogprobModel(lm)
+        mbs, _ = pack_groups(groups, adv, 16, PAD, max_completion_tokens=7, shared_prompt=shared)
+        mb = mbs[0].to(torch.device("cuda"))
+        logp, _ = _scores(model, mb)
+        (logp * mb.adv.to(logp.dtype)).sum().backward()
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        return logp[mb.mask.bool()].detach().float().cpu(), grads
+
+    shared, alone = scores(torch.float32, True), scores(torch.float32, False)
+    torch.testing.assert_close(shared[0], alone[0], rtol=1e-4, atol=1e-5)
+    for name, grad in alone[1].items():
+        torch.testing.assert_close(shared[1][name], grad, rtol=1e-3, atol=1e-5)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        low = scores(torch.bfloat16, True)
+    torch.testing.assert_close(low[0], alone[0], rtol=0.0, atol=0.1)
