@@ -35,7 +35,7 @@ from minigrpo.help import print_help, wants_help
 from minigrpo.io import DataError, iter_jsonl
 from minigrpo.model import DTYPES, load_tokenizer
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from minigrpo.parallel import load_sharded
+from minigrpo.parallel import load_sharded, sync_gradients
 from minigrpo.run_dir import RunDir, check_output_dir, fingerprint
 from minigrpo.seeding import derive_seed
 
@@ -172,8 +172,9 @@ def train_step(model, optimizer, samples: list[Sample], cfg: SFTConfig, lr: floa
     mbs = micro_batches(samples, cfg, pad_id, info)
     num_tokens = global_token_count(mbs)  # before any micro-batch runs: the step's normaliser
     loss_sum = torch.zeros((), device=info.device)
-    for mb in mbs:
+    for i, mb in enumerate(mbs):
         loss = completion_nll_sum(model, mb) / max(num_tokens, 1)
+        sync_gradients(model, info, now=i == len(mbs) - 1)
         loss.backward()
         loss_sum += loss.detach()
     norm = clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)

@@ -32,7 +32,7 @@ from minigrpo.io import DataError
 from minigrpo.metrics import PhaseTimer, peak_flops
 from minigrpo.model import DTYPES, load_tokenizer, model_context
 from minigrpo.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from minigrpo.parallel import iter_full_state_dict, load_sharded
+from minigrpo.parallel import iter_full_state_dict, load_sharded, sync_gradients
 from minigrpo.rl.groups import Group, GroupSource, RewardFn, RolloutInfo, fill_with_signal, group_records
 from minigrpo.rl.groups import resample_groups
 from minigrpo.rl.loss import LossTerms, NonFiniteLossError, check_finite, first_bad, micro_batch_loss
@@ -258,6 +258,7 @@ class GRPOTrainer:
             logp, entropy = self._forward(self.policy, mb, return_entropy=True)
             loss, diagnostics = micro_batch_loss(logp, mb, aggregate, beta, self.terms)
             bad = first_bad(bad, i, loss)
+            sync_gradients(self.policy, self.dist, now=i == len(mbs) - 1)
             loss.backward()
             stats.add(loss, diagnostics, entropy, logp, mb)
         check_finite(bad, self.step, self.dist.rank, self.dist.world_size)

@@ -114,3 +114,54 @@ def test_syncs_per_step_do_not_grow_with_micro_batches(tiny_model_dir, tmp_path,
     assert [c["object_collective"] for c in many] == [c["object_collective"] for c in few]
     for counts in many:
         assert counts["object_collective"] <= 2, counts  # reward-component names, prompt records
+
+
+class GradientTrainer(GRPOTrainer):
+    """Keeps the gradients each optimizer step sees."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.grads = []
+
+    def optimizer_step(self, total_updates):
+        self.grads.append({n: p.grad.full_tensor().clone() for n, p in self.policy.named_parameters()})
+        return super().optimizer_step(total_updates)
+
+
+def _gradients(tiny_model_dir, out):
+    overrides = [
+        f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", "--run.steps=2", "--run.seed=1",
+        "--run.save_every=-1", "--grpo.prompts_per_step=2", "--rollout.samples_per_prompt=4",
+        "--rollout.max_new_tokens=6", "--parallel.micro_batch_size=1", "--loss.beta=0.1",
+    ]
+    trainer = GradientTrainer(load_config(GRPORunConfig, None, overrides), make_prompts(load_tokenizer(tiny_model_dir), 8),
+                              reward_fn)
+    trainer.train()
+    return trainer.grads
+
+
+def test_one_rank_reduces_gradients_once_per_update(tiny_model_dir, tmp_path, monkeypatch):
+    """On one rank FSDP2 reduces the accumulated gradients after the last micro-batch only (8 per step here),
+    and the optimizer sees bit for bit the gradients of a reduction after every micro-batch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    import minigrpo.trainer as trainer_module
+
+    flags = []
+    real = FSDPModule.set_requires_gradient_sync
+
+    def recording(self, requires_gradient_sync, **kwargs):
+        flags.append(requires_gradient_sync)
+        return real(self, requires_gradient_sync, **kwargs)
+
+    monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync", recording)
+    deferred = _gradients(tiny_model_dir, tmp_path / "deferred")
+    assert flags == ([False] * 7 + [True]) * 2  # 2 prompts x 4 samples, one completion per micro-batch; 2 steps
+    monkeypatch.setattr(trainer_module, "sync_gradients", lambda *args, **kwargs: None)
+    every = _gradients(tiny_model_dir, tmp_path / "every")
+    assert len(deferred) == len(every) == 2
+    for a, b in zip(deferred, every):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+        assert any(g.abs().sum() > 0 for g in a.values())
