@@ -134,8 +134,8 @@ def _gradients(tiny_model_dir, out):
         "--run.save_every=-1", "--grpo.prompts_per_step=2", "--rollout.samples_per_prompt=4",
         "--rollout.max_new_tokens=6", "--parallel.micro_batch_size=1", "--loss.beta=0.1",
     ]
-    trainer = GradientTrainer(load_config(GRPORunConfig, None, overrides), make_prompts(load_tokenizer(tiny_model_dir), 8),
-                              reward_fn)
+    prompts = make_prompts(load_tokenizer(tiny_model_dir), 8)
+    trainer = GradientTrainer(load_config(GRPORunConfig, None, overrides), prompts, reward_fn)
     trainer.train()
     return trainer.grads
 
