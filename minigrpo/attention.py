@@ -3,7 +3,7 @@
 A shared-prompt row (rl/layout.py) is [prompt, c_1, ..., c_G]: the prompt attends causally to itself,
 each completion to the prompt and to its own causal prefix. A dense (T, T) mask over the row is right
 but makes SDPA score all T^2 pairs, where P^2 / 2 + sum_i L_i (P + L_i / 2) are needed: on the DRG
-demo's rows (P ~380, 8 completions of ~240) 5.4M pairs per layer where 0.5M would do. Here the row is
+demo's rows (P ~380, 8 completions of ~240) 5.3M pairs per layer where 1.1M would do. Here the row is
 cut into two SDPA calls per layer:
 
     prompt       the first P_max positions of every row, causal (the kernels skip the upper triangle);

@@ -152,9 +152,10 @@ class LogprobModel(nn.Module):
         Without `score_index`: targets (B, T) -> (B, T) outputs, 0 where not scored (the rows are
         found on the host: one sync). With it: targets (N,) -> (N,) outputs for those rows."""
         if isinstance(attention_mask, attention.SharedPromptMask):
-            # a prepared mask mapping: HF builds no mask of its own and hands ours to the attention function
-            mask = attention_mask
-            attention_mask = {"full_attention": mask} if self.scores_needed_pairs else mask.dense()
+            # sdpa: a prepared mask mapping, so HF builds no mask of its own and hands ours to the attention
+            # function; other attention implementations get the dense (R, 1, T, T) mask
+            shared = attention_mask
+            attention_mask = {"full_attention": shared} if self.scores_needed_pairs else shared.dense()
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and \
                 self.lm.config._attn_implementation == "eager":
             # eager attention adds the mask to the scores: a bool "may attend" mask becomes 0 / -large
