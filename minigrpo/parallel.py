@@ -96,8 +96,8 @@ def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMe
 def sync_gradients(model: nn.Module, info: DistInfo, now: bool) -> None:
     """Whether the next backward reduce-scatters gradients; on one rank only the last micro-batch's does.
 
-    FSDP2 reduce-scatters after every backward. On one rank that is a copy and a divide of every
-    gradient per micro-batch (at 28M parameters on CPU, measured 5-10 % of the update) for nothing: the
+    FSDP2 reduce-scatters after every backward. On one rank that is a cat, a copy and a divide of every
+    layer's flat gradient per micro-batch (seen in a profile of benchmarks/grpo_step.py) for nothing: the
     unsharded gradients it accumulates instead, in the reduce dtype, are the sharded ones' size, and
     the sums are the same. On more ranks every micro-batch still reduces, so no rank holds a full
     gradient."""
