@@ -109,7 +109,7 @@ def shared_prompt_rows(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[i
     T, R = max(row_lengths), len(groups)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
-    score_index, targets, lengths, spans = [], [], [], []
+    score_index, targets, spans = [], [], []
     for r, (prompt, completions) in enumerate(groups):
         P = len(prompt)
         if P == 0:
@@ -127,10 +127,9 @@ def shared_prompt_rows(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[i
             # token 0 is predicted by the prompt's last position, token k > 0 by the completion's token k - 1
             score_index += [r * T + (P - 1 if k == 0 else start + k - 1) for k in range(n)]
             targets += list(completion)
-            lengths.append(n)
             spans.append((r, start, n))
             start = end
-    out_index, shape = _completion_space(lengths)
+    out_index, shape = _completion_space([n for _, _, n in spans])
     return ScoredRows(
         input_ids,
         SharedPromptMask.build([len(p) for p, _ in groups], spans, T),
