@@ -76,6 +76,10 @@ class OptimConfig:
 @dataclass(slots=True)
 class ParallelConfig:
     mixed_precision: bool = True  # bf16 compute with fp32 master weights on CUDA; ignored on CPU
+    # auto: FSDP2 where it has work to do (more than one rank, or bf16 mixed precision on CUDA); on one rank
+    # in fp32 the model stays a plain module (FSDP2 there only copies parameters and gradients).
+    # always: FSDP2 on one rank too (the same numbers bit for bit; tests use it to run the FSDP2 path in one process)
+    fsdp: Literal["auto", "always"] = "auto"
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     micro_batch_size: int = 4  # sequences per forward/backward

@@ -13,6 +13,13 @@ Layout: `fully_shard` on every decoder layer (`lm.model.layers[i]`), then on the
 root, so the root's forward unshards embeddings, final norm and the (tied) output weight that the
 fused log-prob kernel reads directly (they are not used through their modules' forwards).
 
+One rank: with `parallel.fsdp=auto` a one-rank fp32 run is not sharded at all. FSDP2 there would only
+copy: each forward and backward gathers every layer's parameters into a second buffer, and each
+reduction concatenates, divides by 1 and copies every layer's gradients (measured on the 28M model of
+benchmarks/grpo_step.py: 1.35 s of a 17 s step, 8 %). The model is then a plain module on the device, and
+everything below (the state dict stream, clipping, checkpoints) takes plain tensors as it takes DTensors.
+With bf16 mixed precision on CUDA the one rank keeps FSDP2: its policy is what casts the compute to bf16.
+
 Gradient reduction: FSDP2 averages gradients over ranks by default. Our losses are already
 normalised by the *global* token count (see batch.py), so the ranks' gradients must be summed, not
 averaged: the divide factor is set to 1 and comms are forced to plain SUM (gloo has no AVG or
@@ -75,7 +82,15 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     lm.config.use_cache = False
 
 
+def uses_fsdp(cfg: ParallelConfig, info: DistInfo) -> bool:
+    """Whether models are sharded with FSDP2: always on more ranks; on one rank only when asked, or when its
+    mixed-precision policy has a cast to do (see the module docstring)."""
+    return info.world_size > 1 or cfg.fsdp == "always" or mixed_precision_policy(cfg, info).param_dtype is not None
+
+
 def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMesh | None) -> nn.Module:
+    if not uses_fsdp(cfg, info):
+        return model.to(info.device)
     # No model.to(device) first: fully_shard moves each module's states to the mesh's device itself,
     # one layer at a time, so no full copy of the model lands on the GPU (meta tensors stay meta).
     mesh = mesh or build_mesh(info)
@@ -94,7 +109,8 @@ def _shard(model: nn.Module, cfg: ParallelConfig, info: DistInfo, mesh: DeviceMe
 
 
 def sync_gradients(model: nn.Module, info: DistInfo, now: bool) -> None:
-    """Whether the next backward reduce-scatters gradients; on one rank only the last micro-batch's does.
+    """Whether the next backward reduce-scatters gradients; on one sharded rank (bf16 on CUDA, or
+    `parallel.fsdp=always`) only the last micro-batch's does.
 
     FSDP2 reduce-scatters after every backward. On one rank that is a cat, a copy and a divide of every
     layer's flat gradient per micro-batch (seen in a profile of benchmarks/grpo_step.py) for nothing: the
@@ -172,7 +188,8 @@ def load_sharded(
     error = all_ok(error is None, error or "")  # every rank raises rank 0's error, none waits in a collective
     if error:
         raise ModelLoadError(error)
-    model = LogprobModel(_meta_model(model_cfg))
+    sharded = uses_fsdp(parallel_cfg, info)
+    model = LogprobModel(_meta_model(model_cfg)) if sharded else full  # one plain rank: the loaded model itself
     if frozen:
         _as_frozen(model, parallel_cfg, info)
         if frozen_dtype is not None:  # e.g. a bf16 reference on CPU; buffers (rotary frequencies) stay fp32
@@ -181,8 +198,9 @@ def load_sharded(
     else:
         _as_trainable(model, parallel_cfg, None)
     model = _shard(model, parallel_cfg, info, mesh)
-    model.to_empty(device=info.device)  # this rank's shards and the (unsharded) buffers, values undefined
-    _fill_from_rank0(model, full, info)
+    if sharded:
+        model.to_empty(device=info.device)  # this rank's shards and the (unsharded) buffers, values undefined
+        _fill_from_rank0(model, full, info)
     del full
     return model.eval() if frozen else model.train()
 
@@ -275,9 +293,14 @@ def iter_full_state_dict(
         yield tied, _gathered(getattr(model, "lm", model).get_output_embeddings().weight, dtype)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor shard gathered (a collective), a plain tensor (one unsharded rank) as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _gathered(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """The full tensor in `dtype`, cast before the all-gather: a cast of a DTensor is elementwise and keeps
     its Shard(0), so bf16 from fp32 masters moves half the bytes, and no full fp32 copy is made."""
     if dtype is not None:
         tensor = tensor.to(dtype)
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return full_tensor(tensor)

@@ -160,6 +160,18 @@ def test_load_sharded_equals_plain_load_on_two_ranks(tiny_model_dir, tmp_path):
             assert all(r[kind].values()), (kind, r[kind])
 
 
+@pytest.mark.parametrize("saved, loaded", [(1, 2), (2, 1)])
+def test_checkpoint_restores_across_plain_and_sharded_worlds(tiny_model_dir, tmp_path, saved, loaded):
+    """One rank trains a plain module and more ranks FSDP2 shards: a checkpoint of either restores in the
+    other bit for bit (weights and AdamW moments, gathered and compared by name)."""
+    script = "tests/dist/checkpoint_worlds.py"
+    run([script, str(tiny_model_dir), str(tmp_path), "save"], nproc=saved)
+    run([script, str(tiny_model_dir), str(tmp_path), "load"], nproc=loaded)
+    result = json.loads((tmp_path / "loaded.json").read_text())
+    assert result["names"] > 20 and result["differ"] == [], result
+    assert result["sharded"] == ("LogprobModel" if loaded == 1 else "FSDPLogprobModel")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_mixed_precision_tracks_the_fp32_cpu_run(runs, tiny_model_dir, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from examples.digits import make_prompts, reward_fn
 from minigrpo.config import load_config
 from minigrpo.model import load_tokenizer
-from minigrpo.parallel import hf_name
+from minigrpo.parallel import full_tensor, hf_name
 from minigrpo.trainer import GRPORunConfig, GRPOTrainer, NonFiniteLossError
 
 
@@ -33,7 +33,7 @@ class RecordingTrainer(GRPOTrainer):
         self.weights, self.groups, self.grads = [], [], []
 
     def train_step(self):
-        self.weights.append({hf_name(n): p.full_tensor().detach().clone() for n, p in self.policy.named_parameters()})
+        self.weights.append({hf_name(n): full_tensor(p).detach().clone() for n, p in self.policy.named_parameters()})
         return super().train_step()
 
     def rollout(self):
@@ -42,7 +42,7 @@ class RecordingTrainer(GRPOTrainer):
         return groups, info
 
     def optimizer_step(self, total):
-        self.grads.append({hf_name(n): p.grad.full_tensor().clone() for n, p in self.policy.named_parameters() if p.grad is not None})
+        self.grads.append({hf_name(n): full_tensor(p.grad).clone() for n, p in self.policy.named_parameters() if p.grad is not None})
         return super().optimizer_step(total)
 
 

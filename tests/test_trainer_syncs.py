@@ -16,6 +16,7 @@ import torch
 from examples.digits import make_prompts, reward_fn
 from minigrpo.config import load_config
 from minigrpo.model import load_tokenizer
+from minigrpo.parallel import full_tensor
 from minigrpo.trainer import GRPORunConfig, GRPOTrainer
 
 SYNC_METHODS = ("item", "__float__", "__int__", "__bool__", "tolist")
@@ -124,24 +125,28 @@ class GradientTrainer(GRPOTrainer):
         self.grads = []
 
     def optimizer_step(self, total_updates):
-        self.grads.append({n: p.grad.full_tensor().clone() for n, p in self.policy.named_parameters()})
+        self.grads.append({n: full_tensor(p.grad).clone() for n, p in self.policy.named_parameters()})
         return super().optimizer_step(total_updates)
 
 
-def _gradients(tiny_model_dir, out):
+def _trained(tiny_model_dir, out, *extra) -> GradientTrainer:
     overrides = [
         f"--model.path={tiny_model_dir}", f"--run.output_dir={out}", "--run.steps=2", "--run.seed=1",
         "--run.save_every=-1", "--grpo.prompts_per_step=2", "--rollout.samples_per_prompt=4",
-        "--rollout.max_new_tokens=6", "--parallel.micro_batch_size=1", "--loss.beta=0.1",
+        "--rollout.max_new_tokens=6", "--parallel.micro_batch_size=1", "--loss.beta=0.1", *extra,
     ]
     prompts = make_prompts(load_tokenizer(tiny_model_dir), 8)
     trainer = GradientTrainer(load_config(GRPORunConfig, None, overrides), prompts, reward_fn)
-    trainer.train()
-    return trainer.grads
+    trainer.history = trainer.train()
+    return trainer
+
+
+def _gradients(tiny_model_dir, out):
+    return _trained(tiny_model_dir, out, "--parallel.fsdp=always").grads
 
 
 def test_one_rank_reduces_gradients_once_per_update(tiny_model_dir, tmp_path, monkeypatch):
-    """On one rank FSDP2 reduces the accumulated gradients after the last micro-batch only (8 per step here),
+    """On one sharded rank FSDP2 reduces the accumulated gradients after the last micro-batch only (8 per step here),
     and the optimizer sees bit for bit the gradients of a reduction after every micro-batch."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -165,3 +170,28 @@ def test_one_rank_reduces_gradients_once_per_update(tiny_model_dir, tmp_path, mo
         for name in a:
             assert torch.equal(a[name], b[name]), name
         assert any(g.abs().sum() > 0 for g in a.values())
+
+
+def test_one_plain_rank_trains_as_one_sharded_rank(tiny_model_dir, tmp_path):
+    """On one rank in fp32 the models are not sharded (parallel.fsdp=auto), and the run is FSDP2's on one rank
+    bit for bit: every gradient the optimizer sees, the final weights, the metrics of every step."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    plain = _trained(tiny_model_dir, tmp_path / "plain")
+    sharded = _trained(tiny_model_dir, tmp_path / "sharded", "--parallel.fsdp=always")
+    assert not isinstance(plain.policy, FSDPModule) and not isinstance(plain.ref, FSDPModule)
+    assert not any(isinstance(p, DTensor) for p in plain.policy.parameters())
+    assert isinstance(sharded.policy, FSDPModule) and isinstance(sharded.ref, FSDPModule)
+    assert len(plain.grads) == len(sharded.grads) == 2
+    for a, b in zip(plain.grads, sharded.grads):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    weights = {n: full_tensor(p) for n, p in sharded.policy.named_parameters()}
+    for name, param in plain.policy.named_parameters():
+        assert torch.equal(param, weights[name]), name
+    clock = ("time_", "step_time", "_per_s", "mfu", "eta")  # what a clock measures differs run to run
+    untimed = lambda m: {k: v for k, v in m.items() if not any(c in k for c in clock)}  # noqa: E731
+    assert [untimed(m) for m in plain.history] == [untimed(m) for m in sharded.history]
+    assert len(untimed(plain.history[-1])) > 10
