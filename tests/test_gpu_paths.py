@@ -290,14 +290,15 @@ def test_unpadded_prompts_decode_as_padded_ones(tiny_model_dir):
 
 
 def test_weight_push_casts_before_the_gather(tiny_model_dir, monkeypatch):
-    """iter_full_state_dict(dtype=bf16) all-gathers bf16 shards (half the bytes of fp32 masters)."""
+    """iter_full_state_dict(dtype=bf16) all-gathers bf16 shards (half the bytes of fp32 masters). One rank, sharded
+    (parallel.fsdp=always), so that the gathers are there to count."""
     from torch.distributed.tensor import DTensor
 
     from minigrpo.dist import init_distributed
     from minigrpo.model import LogprobModel, load_model
     from minigrpo.parallel import iter_full_state_dict, shard_model
 
-    policy = shard_model(LogprobModel(load_model(tiny_model_dir)), ParallelConfig(), init_distributed())
+    policy = shard_model(LogprobModel(load_model(tiny_model_dir)), ParallelConfig(fsdp="always"), init_distributed())
     gathered = []
     full_tensor = DTensor.full_tensor
     recording = lambda self, **kw: gathered.append(self.dtype) or full_tensor(self, **kw)  # noqa: E731
