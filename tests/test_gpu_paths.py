@@ -214,17 +214,17 @@ def test_make_engine_passes_the_rollout_config(fake_vllm, tiny_model_dir):
 
 
 def test_max_batch_rows_bounds_the_kv_cache(tiny_model_dir, monkeypatch):
-    """The static cache never holds more rows than rollout.max_batch_rows, and the tokens do not change."""
+    """The KV caches never hold more rows than rollout.max_batch_rows, and the tokens do not change."""
     import minigrpo.rollout.torch_engine as torch_engine
 
     rows = []
-    index_cache = torch_engine._index_cache
+    make_cache = torch_engine.KVCache.__init__
 
-    def recording(cache, fn):
-        index_cache(cache, fn)
-        rows.append(max(layer.keys.shape[0] for layer in cache.layers))
+    def recording(self, shape, n_rows, *args):
+        rows.append(n_rows)
+        make_cache(self, shape, n_rows, *args)
 
-    monkeypatch.setattr(torch_engine, "_index_cache", recording)
+    monkeypatch.setattr(torch_engine.KVCache, "__init__", recording)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     outputs = {}

@@ -85,3 +85,31 @@ def test_sampler_frequencies(temperature, top_p):
     sigma = (want * (1 - want) / B).sqrt()
     assert ((freq - want).abs() <= 5 * sigma + 1e-12).all(), (freq, want)
     assert torch.allclose(logp, want.log()[tokens])
+
+
+@pytest.mark.parametrize("rows", [None, [0, 2, 3, 5]], ids=["all rows", "finished rows dropped"])
+def test_decode_attention_equals_dense_attention_over_prompt_and_completion(rows):
+    """A decode step reads each prompt's keys once for its n samples; the result is, row by row, plain softmax
+    attention over that prompt's real slots followed by the row's own completion (float64, GQA repeated by hand)."""
+    from minigrpo.rollout.torch_engine import PromptKV, decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    P, n, H, Hkv, L, t, d = 3, 2, 4, 2, 5, 3, 8
+    prompt_lens = [5, 2, 4]  # left-padded to L
+    keys_real = torch.arange(L)[None, :] >= (L - torch.tensor(prompt_lens))[:, None]
+    live = list(range(P * n)) if rows is None else rows
+    b = len(live)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    query, key, value = rand(b, H, 1, d), rand(b, Hkv, t, d), rand(b, Hkv, t, d)
+    prompt_keys, prompt_values = rand(P, Hkv, L, d), rand(P, Hkv, L, d)
+    prompts_of = PromptKV(None, keys_real, n, None if rows is None else torch.tensor(rows))
+    out = decode_attention(query, key, value, prompt_keys, prompt_values, prompts_of, d**-0.5)
+    assert out.shape == (b, 1, H, d)
+    for i, r in enumerate(live):
+        p = r // n
+        for h in range(H):
+            kv = h // (H // Hkv)
+            keys = torch.cat([prompt_keys[p, kv][keys_real[p]], key[i, kv]])  # (real prompt slots + t, d)
+            values = torch.cat([prompt_values[p, kv][keys_real[p]], value[i, kv]])
+            want = ((query[i, h, 0] @ keys.T) * d**-0.5).softmax(-1) @ values
+            torch.testing.assert_close(out[i, 0, h], want, rtol=1e-12, atol=1e-12)

@@ -3,26 +3,29 @@
 No dependencies beyond torch/transformers; it is the default engine and the reference the vLLM
 engine is tested against. One generate() call:
 
-    prefill   the P distinct prompts once, left-padded to Lmax, into a static KV cache (P rows)
-    expand    repeat each prompt's cache rows n times -> B = P * n rows
-    decode    one token per row per step: logits -> sample_tokens -> append; stop-token bookkeeping
-              on the device, a host sync only every `check_every` steps (to stop early and to drop
-              finished rows from the batch when fewer than half are still running)
+    prefill   the P distinct prompts once, left-padded to Lmax, into a prompt cache (P rows, Lmax slots)
+    decode    one token per row per step for B = P * n rows: logits -> sample_tokens -> append to a
+              completion cache (B rows, M slots); stop-token bookkeeping on the device, a host sync only
+              every `check_every` steps (to stop early and to drop finished rows from the batch when
+              fewer than half are still running)
 
-Row b's prompt occupies cache slots [Lmax - L_b, Lmax) (left padding, masked out); its t-th new
-token sits in slot Lmax + t and has position id L_b + t, so positions match an unpadded forward.
+Row b = p * n + j is prompt p's j-th sample. Prompt p occupies prompt-cache slots [Lmax - L_p, Lmax)
+(left padding, masked out); row b's t-th new token sits in completion slot t and has position id L_p + t,
+so positions match an unpadded forward.
 
-Attention: the engine builds its own boolean masks and, while generating, switches the model to
-`_kv_attention` (registered with transformers' AttentionInterface). HF's sdpa path on CPU repeats
-the GQA key/value heads of the whole static cache and runs a flash kernel that is slow for one
-query token; here a decode step reads only the filled cache slots, once, with grouped matmuls.
-Models with sliding-window layers are not supported (Qwen2.5 has none by default).
+Attention: the engine builds its own masks and, while generating, switches the model to `_kv_attention`
+(registered with transformers' AttentionInterface). The prefill is one SDPA call. A decode step attends
+over two caches: the n samples of a prompt read that prompt's keys and values once, as one (n x heads per
+KV head)-row block of a batched matmul, instead of once per sample from a cache copied n times; then each
+row reads its own completion so far. GQA key/value heads are never repeated. Models with sliding-window
+layers are not supported (Qwen2.5 has none by default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -148,27 +151,29 @@ class TorchEngine:
         for i, p in enumerate(prompts):
             ids[i, Lmax - len(p) :] = torch.tensor(p)
         ids = ids.to(dev)
-        slot = torch.arange(S, device=dev)
-        mask = slot[None, :] >= Lmax - lens[:, None]  # (P, S) bool: True from each prompt's first token on
-        pos = (slot[None, :Lmax] - (Lmax - lens[:, None])).clamp(min=0)  # (P, Lmax)
+        slot = torch.arange(Lmax, device=dev)
+        prompt_keys = slot[None, :] >= Lmax - lens[:, None]  # (P, Lmax) bool: True from each prompt's first token on
+        pos = (slot[None, :] - (Lmax - lens[:, None])).clamp(min=0)  # (P, Lmax)
 
         # prefill mask (P, 1, Lmax, Lmax): causal, real keys only; pad queries see themselves (no empty
         # softmax rows; their outputs are never used). None when no prompt is padded: plain causal attention.
-        prefill_mask = None
-        if any(len(p) < Lmax for p in prompts):
+        prefill_mask, padded = None, any(len(p) < Lmax for p in prompts)
+        if padded:
             causal = torch.ones(Lmax, Lmax, dtype=torch.bool, device=dev).tril()
-            prefill_mask = (causal[None] & mask[:, None, :Lmax]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
+            prefill_mask = (causal[None] & prompt_keys[:, None]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
             prefill_mask = prefill_mask[:, None]
-        cache = _static_cache(self.lm.config, S)
-        hidden = self._forward(ids, prefill_mask, pos, cache)  # (P, H) last position
+        shape = _kv_shape(self.lm.config)
+        prompt_cache = KVCache(shape, P, Lmax, self.lm.dtype, dev)
+        hidden = self._forward(ids, prefill_mask, pos, prompt_cache)  # (P, H) last position
 
-        # expand P -> B = P * n rows: cache, mask, positions, and the first sampled token's logits
+        # B = P * n rows from here on: the first sampled token's logits, lengths, budgets
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
-        _index_cache(cache, lambda t: rep(t))
-        hidden, mask, lens = rep(hidden), rep(mask), rep(lens)
+        hidden, lens = rep(hidden), rep(lens)
         B = P * n
         budget = rep(torch.tensor(budgets, device=dev))  # (B,)
         stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=dev)
+        cache = KVCache(shape, B, M, self.lm.dtype, dev)
+        prompts_of = PromptKV(prompt_cache, prompt_keys if padded else None, n)
 
         out_tokens = torch.full((B, M), self.pad_token_id, dtype=torch.long, device=dev)
         out_logps = torch.zeros((B, M), dtype=torch.float32, device=dev)
@@ -195,18 +200,21 @@ class TorchEngine:
                     break
                 if n_live <= done.numel() // 2:  # drop finished rows: decode cost is per row
                     keep = (~done).nonzero().squeeze(-1)
-                    _index_cache(cache, lambda c: c.index_select(0, keep))
-                    rows, mask, lens, tok, done = rows[keep], mask[keep], lens[keep], tok[keep], done[keep]
+                    cache.select_rows(keep)
+                    rows, lens, tok, done = rows[keep], lens[keep], tok[keep], done[keep]
+                    prompts_of.rows = rows
             step_pos = (lens + t)[:, None]  # (b, 1): position of the token just sampled
-            step_mask = mask[:, None, None, : Lmax + t + 1]  # (b, 1, 1, filled slots incl. this token)
-            hidden = self._forward(tok[:, None], step_mask, step_pos, cache)
+            cache.at = t  # its completion slot
+            hidden = self._forward(tok[:, None], None, step_pos, cache, prompts_of)
         return out_tokens.cpu(), out_logps.cpu(), lengths.cpu(), stopped.cpu()
 
-    def _forward(self, ids, mask4d, pos, cache) -> torch.Tensor:
-        # a dict of prepared masks makes HF skip its own mask construction
+    def _forward(self, ids, mask4d, pos, cache, prompts_of: PromptKV | None = None) -> torch.Tensor:
+        # a dict of prepared masks makes HF skip its own mask construction; `prompts_of` reaches the attention
+        # function through the model's keyword arguments
         masks = {"full_attention": mask4d}
         out = self.lm.model(
-            input_ids=ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True,
+            prompts_of=prompts_of,
         )
         return out.last_hidden_state[:, -1]  # (b, H): only the last position is ever sampled from
 
@@ -214,17 +222,51 @@ class TorchEngine:
         return self.lm.get_output_embeddings()(hidden).float()  # (b, V)
 
 
-def _static_cache(config, max_len: int):
-    from transformers import StaticCache
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
-    return StaticCache(config=config, max_cache_len=max_len)
+
+class KVCache:
+    """Per layer, keys and values (rows, kv_heads, slots, head_dim), preallocated and written in place.
+
+    The model calls `update(key, value, layer)` from every attention layer (transformers' cache protocol):
+    the new tokens go to slots [at, at + q), and the filled slots [0, at + q) come back. The engine sets
+    `at` before each forward; `select_rows` keeps the rows still decoding."""
+
+    def __init__(self, shape: tuple[int, int, int], rows: int, slots: int, dtype, device):
+        layers, kv_heads, head_dim = shape
+        size = (rows, kv_heads, slots, head_dim)
+        self.keys = [torch.empty(size, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(size, dtype=dtype, device=device) for _ in range(layers)]
+        self.at = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.at + key.shape[2]
+        self.keys[layer_idx][:, :, self.at : end] = key
+        self.values[layer_idx][:, :, self.at : end] = value
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.at
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
 
 
-def _index_cache(cache, fn) -> None:
-    """Apply a batch-dim op (repeat / select rows) to every layer's preallocated keys and values."""
-    for layer in cache.layers:
-        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
-        layer.batch_size = layer.keys.shape[0]
+@dataclass
+class PromptKV:
+    """What a decode step's attention needs besides its own rows' cache: the prompt cache (P rows), which of
+    its slots are real (P, Lmax) bool or None when no prompt is padded, the samples per prompt n, and the
+    output row (in [0, P * n)) of each live row once finished rows are dropped (None before: row b is b)."""
+
+    cache: KVCache
+    keys_real: torch.Tensor | None
+    n: int
+    rows: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- attention
@@ -232,27 +274,54 @@ def _index_cache(cache, fn) -> None:
 KV_ATTENTION = "minigrpo_kv"
 
 
-def _kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention over the filled part of a static cache, GQA without repeating key/value heads.
+def _kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, prompts_of=None, **kwargs):
+    """The engine's attention: a prefill over the prompt cache, or a decode step over prompt and completion.
 
-    query (B, H, q, d); key/value (B, Hkv, S_max, d): the whole preallocated cache;
-    attention_mask (B, 1, q, S) bool, True = attend, S = slots filled so far, or None for an unpadded
-    prefill (S = q, causal). Returns (B, q, H, d).
+    query (b, H, q, d); key/value (b, Hkv, S, d): the filled slots of the cache being written. Prefill
+    (prompts_of None): attention_mask (b, 1, q, S) bool, True = attend, or None for unpadded prompts
+    (causal). Decode (q = 1): see `decode_attention`. Returns (b, q, H, d).
     """
-    B, H, q, d = query.shape
-    S = q if attention_mask is None else attention_mask.shape[-1]
-    key, value = key[:, :, :S], value[:, :, :S]
-    if q > 1:  # prefill: one big fused kernel is best
+    if prompts_of is None:
         out = sdpa(query, key, value, attention_mask, scaling, repeat_kv=query.is_cuda)
         return out.transpose(1, 2).contiguous(), None
-    Hkv = key.shape[1]
-    qg = query.reshape(B, Hkv, H // Hkv, d)  # (B, Hkv, groups, d): heads sharing a KV head, side by side
-    scores = torch.matmul(qg, key.transpose(-1, -2)) * scaling  # (B, Hkv, groups, S)
-    if attention_mask is not None:  # None: a one-token, unpadded prefill
-        scores = scores.masked_fill(~attention_mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
-    probs = scores.float().softmax(dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # (B, Hkv, groups, d)
-    return out.reshape(B, 1, H, d), None
+    layer = module.layer_idx
+    cache = prompts_of.cache
+    out = decode_attention(query, key, value, cache.keys[layer], cache.values[layer], prompts_of, scaling)
+    return out, None
+
+
+def decode_attention(query, key, value, prompt_keys, prompt_values, prompts_of: PromptKV, scaling: float):
+    """One decode step. query (b, H, 1, d); key/value (b, Hkv, t, d): each row's completion so far;
+    prompt_keys/values (P, Hkv, L, d). Row b (output row r = prompts_of.rows[b], or b) belongs to prompt
+    r // n and attends to that prompt's real slots and to its own t completion slots: one softmax over both.
+    Returns (b, 1, H, d).
+
+    The prompt part runs per prompt: the n rows of a prompt and the H / Hkv heads that share a KV head are
+    one (n * H / Hkv)-row block against that prompt's keys, so a prompt's keys and values are read once per
+    step, not n times."""
+    b, H, _, d = query.shape
+    P, Hkv, L, _ = prompt_keys.shape
+    n, g, rows = prompts_of.n, H // Hkv, prompts_of.rows
+    qg = query.reshape(b, Hkv, g, d)  # heads sharing a KV head side by side
+
+    def to_prompts(x):  # (b, Hkv, g, k) per live row -> (P, Hkv, n * g, k) per prompt (dropped rows: zeros)
+        if rows is not None:
+            x = x.new_zeros((P * n, *x.shape[1:])).index_copy_(0, rows, x)
+        return x.view(P, n, Hkv, g, -1).transpose(1, 2).reshape(P, Hkv, n * g, -1)
+
+    def to_rows(x):  # the inverse: (P, Hkv, n * g, k) -> (b, Hkv, g, k)
+        x = x.view(P, Hkv, n, g, -1).transpose(1, 2).reshape(P * n, Hkv, g, -1)
+        return x if rows is None else x.index_select(0, rows)
+
+    prompt_scores = torch.matmul(to_prompts(qg), prompt_keys.transpose(-1, -2)) * scaling  # (P, Hkv, n * g, L)
+    if prompts_of.keys_real is not None:
+        prompt_scores = prompt_scores.masked_fill(~prompts_of.keys_real[:, None, None, :], float("-inf"))
+    own_scores = torch.matmul(qg, key.transpose(-1, -2)) * scaling  # (b, Hkv, g, t)
+    scores = torch.cat([to_rows(prompt_scores), own_scores], dim=-1)  # (b, Hkv, g, L + t)
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+    prompt_probs, own_probs = probs.split([L, key.shape[2]], dim=-1)
+    out = to_rows(torch.matmul(to_prompts(prompt_probs), prompt_values)) + torch.matmul(own_probs, value)
+    return out.reshape(b, 1, H, d)
 
 
 @contextlib.contextmanager
