@@ -102,8 +102,8 @@ class RolloutConfig:
     # 0: generate, train, sync. k >= 1: the next step's batch is generated while this one trains, from
     # weights one version behind (one batch in flight: never more than 1 behind; see rl/pipeline.py)
     max_staleness: int = 0
-    # torch engine only: rows (prompts x samples) decoded per pass, which bounds its static KV cache
-    # (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); 0 = every row in one pass
+    # torch engine only: rows (prompts x samples) decoded per pass, which bounds its KV cache
+    # (layers x 2 x kv_heads x head_dim x (prompts x prompt tokens + rows x new tokens)); 0 = every row in one pass
     max_batch_rows: int = 0
     # vLLM only
     gpu_memory_utilization: float = 0.5

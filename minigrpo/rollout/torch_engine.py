@@ -50,8 +50,8 @@ class TorchEngine:
         max_batch_rows: int | None = None,
     ):
         """`max_batch_rows` bounds the decode batch (prompts x n) per pass, and so the KV-cache memory
-        (layers x 2 x rows x kv_heads x (prompt + new tokens) x head_dim); None = one pass. A pass holds
-        at least one prompt's n rows."""
+        (layers x 2 x kv_heads x head_dim x (prompts x prompt tokens + rows x new tokens)); None = one pass.
+        A pass holds at least one prompt's n rows."""
         if isinstance(model, nn.Module):
             self.lm = model  # used as is, not copied: load_weights writes into it
         else:
@@ -145,14 +145,13 @@ class TorchEngine:
         P, dev = len(prompts), self.device
         lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
         Lmax, M = max(len(p) for p in prompts), max(budgets)
-        S = Lmax + M  # cache slots
 
         ids = torch.full((P, Lmax), self.pad_token_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, Lmax - len(p) :] = torch.tensor(p)
         ids = ids.to(dev)
         slot = torch.arange(Lmax, device=dev)
-        prompt_keys = slot[None, :] >= Lmax - lens[:, None]  # (P, Lmax) bool: True from each prompt's first token on
+        keys_real = slot[None, :] >= Lmax - lens[:, None]  # (P, Lmax) bool: True from each prompt's first token on
         pos = (slot[None, :] - (Lmax - lens[:, None])).clamp(min=0)  # (P, Lmax)
 
         # prefill mask (P, 1, Lmax, Lmax): causal, real keys only; pad queries see themselves (no empty
@@ -160,7 +159,7 @@ class TorchEngine:
         prefill_mask, padded = None, any(len(p) < Lmax for p in prompts)
         if padded:
             causal = torch.ones(Lmax, Lmax, dtype=torch.bool, device=dev).tril()
-            prefill_mask = (causal[None] & prompt_keys[:, None]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
+            prefill_mask = (causal[None] & keys_real[:, None]) | torch.eye(Lmax, dtype=torch.bool, device=dev)
             prefill_mask = prefill_mask[:, None]
         shape = _kv_shape(self.lm.config)
         prompt_cache = KVCache(shape, P, Lmax, self.lm.dtype, dev)
@@ -173,7 +172,7 @@ class TorchEngine:
         budget = rep(torch.tensor(budgets, device=dev))  # (B,)
         stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=dev)
         cache = KVCache(shape, B, M, self.lm.dtype, dev)
-        prompts_of = PromptKV(prompt_cache, prompt_keys if padded else None, n)
+        prompts_of = PromptKV(prompt_cache, keys_real if padded else None, n)
 
         out_tokens = torch.full((B, M), self.pad_token_id, dtype=torch.long, device=dev)
         out_logps = torch.zeros((B, M), dtype=torch.float32, device=dev)
