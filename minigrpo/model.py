@@ -178,5 +178,6 @@ class LogprobModel(nn.Module):
         # pre-backward hook; the copy is N (or B * T) floats, nothing next to the activations.
         if score_index is not None:
             return logp.clone(), (entropy.clone() if entropy is not None else None)
-        scatter = lambda v: v.new_zeros(B * T).scatter(0, rows, v).view(B, T)  # noqa: E731
+        scored = targets != IGNORE_INDEX  # (B, T); `rows` are its positions in row-major order, as masked_scatter fills
+        scatter = lambda v: v.new_zeros(B, T).masked_scatter(scored, v)  # noqa: E731
         return scatter(logp), (scatter(entropy) if entropy is not None else None)

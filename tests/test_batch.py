@@ -96,3 +96,24 @@ def test_packed_logprobs_equal_padded_logprobs(tiny_model_dir):
     per_seq = lambda mb, lp: torch.stack([lp[mb.seq_index == i].sum() for i in range(len(samples))])  # noqa: E731
     torch.testing.assert_close(per_seq(packed, lp_pack), per_seq(padded, lp_pad), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(per_seq(packed, lp_leak), per_seq(padded, lp_pad), atol=1e-3)
+
+
+def test_dense_targets_give_fresh_outputs_in_place_of_the_scored_tokens(tiny_model_dir):
+    """(B, T) targets: each scored token's log-prob and entropy land at its own position (those of the score_index
+    path), zeros elsewhere, and the outputs are new tensors, not views (FSDP2 would warn about a view: an in-place
+    op on one drops its pre-backward hook). Gradients flow through them."""
+    torch.manual_seed(0)
+    model = LogprobModel(load_model(tiny_model_dir))
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (3, 7))
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[0, 2:6], targets[2, 0], targets[2, 4:6] = ids[0, 3:7], ids[2, 1], ids[2, 5:7]
+    logp, entropy = model(ids, targets, return_entropy=True)
+    rows = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    sparse, sparse_entropy = model(ids, targets.reshape(-1)[rows], return_entropy=True, score_index=rows)
+    for dense, want in ((logp, sparse), (entropy, sparse_entropy)):
+        assert dense.shape == (3, 7) and not dense._is_view()
+        torch.testing.assert_close(dense.reshape(-1)[rows], want, rtol=0, atol=0)
+        assert (dense.reshape(-1)[(targets.reshape(-1) == IGNORE_INDEX)] == 0).all()
+    logp.sum().backward()
+    assert model.lm.get_output_embeddings().weight.grad.abs().sum() > 0
