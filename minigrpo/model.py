@@ -170,7 +170,8 @@ class LogprobModel(nn.Module):
         flat_targets = targets.reshape(-1)
         rows = score_index
         if rows is None:
-            rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+            scored = targets != IGNORE_INDEX  # (B, T)
+            rows = scored.reshape(-1).nonzero().squeeze(1)  # (N,): row-major, the order masked_scatter fills in
             flat_targets = flat_targets[rows]
         logp, entropy = fused_logprobs(hidden.reshape(B * T, -1)[rows], weight, flat_targets, temperature=temperature,
                                        return_entropy=return_entropy, ignore_index=IGNORE_INDEX)
@@ -178,6 +179,5 @@ class LogprobModel(nn.Module):
         # pre-backward hook; the copy is N (or B * T) floats, nothing next to the activations.
         if score_index is not None:
             return logp.clone(), (entropy.clone() if entropy is not None else None)
-        scored = targets != IGNORE_INDEX  # (B, T); `rows` are its positions in row-major order, as masked_scatter fills
         scatter = lambda v: v.new_zeros(B, T).masked_scatter(scored, v)  # noqa: E731
         return scatter(logp), (scatter(entropy) if entropy is not None else None)
