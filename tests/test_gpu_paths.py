@@ -215,16 +215,16 @@ def test_make_engine_passes_the_rollout_config(fake_vllm, tiny_model_dir):
 
 def test_max_batch_rows_bounds_the_kv_cache(tiny_model_dir, monkeypatch):
     """The KV caches never hold more rows than rollout.max_batch_rows, and the tokens do not change."""
-    import minigrpo.rollout.torch_engine as torch_engine
+    from minigrpo.rollout.kv_cache import KVCache
 
     rows = []
-    make_cache = torch_engine.KVCache.__init__
+    make_cache = KVCache.__init__
 
     def recording(self, shape, n_rows, *args):
         rows.append(n_rows)
         make_cache(self, shape, n_rows, *args)
 
-    monkeypatch.setattr(torch_engine.KVCache, "__init__", recording)
+    monkeypatch.setattr(KVCache, "__init__", recording)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     outputs = {}

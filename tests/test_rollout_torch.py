@@ -91,7 +91,7 @@ def test_sampler_frequencies(temperature, top_p):
 def test_decode_attention_equals_dense_attention_over_prompt_and_completion(rows):
     """A decode step reads each prompt's keys once for its n samples; the result is, row by row, plain softmax
     attention over that prompt's real slots followed by the row's own completion (float64, GQA repeated by hand)."""
-    from minigrpo.rollout.torch_engine import PromptKV, decode_attention
+    from minigrpo.rollout.kv_cache import PromptKV, decode_attention
 
     g = torch.Generator().manual_seed(0)
     P, n, H, Hkv, L, t, d = 3, 2, 4, 2, 5, 3, 8
