@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from minigrpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from minigrpo.dist import init_distributed  # noqa: E402
+from minigrpo.dist import destroy_distributed, init_distributed  # noqa: E402
 from minigrpo.optim import build_optimizer  # noqa: E402
 from minigrpo.parallel import full_tensor, load_sharded  # noqa: E402
 
@@ -52,16 +52,17 @@ def main() -> None:
             from safetensors.torch import save_file
 
             save_file(expected, str(root / "expected.safetensors"))
-        return
-    from safetensors.torch import load_file
+    else:
+        from safetensors.torch import load_file
 
-    load_checkpoint(latest_checkpoint(root), model, optimizer)
-    expected = load_file(str(root / "expected.safetensors"))
-    loaded = full_state(model, optimizer)
-    if info.rank == 0:
-        differ = sorted(n for n in expected if n not in loaded or not torch.equal(expected[n], loaded[n]))
-        result = {"names": len(expected), "differ": differ, "sharded": type(model).__name__}
-        (root / "loaded.json").write_text(json.dumps(result))
+        load_checkpoint(latest_checkpoint(root), model, optimizer)
+        expected = load_file(str(root / "expected.safetensors"))
+        loaded = full_state(model, optimizer)
+        if info.rank == 0:
+            differ = sorted(n for n in expected if n not in loaded or not torch.equal(expected[n], loaded[n]))
+            result = {"names": len(expected), "differ": differ, "sharded": type(model).__name__}
+            (root / "loaded.json").write_text(json.dumps(result))
+    destroy_distributed()  # a barrier first: no rank tears gloo down under a peer's last collective
 
 
 if __name__ == "__main__":

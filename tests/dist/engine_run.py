@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from minigrpo.batch import Sample  # noqa: E402
 from minigrpo.checkpoint import export_hf  # noqa: E402
 from minigrpo.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from minigrpo.dist import all_reduce_sum, init_distributed  # noqa: E402
+from minigrpo.dist import all_reduce_sum, destroy_distributed, init_distributed  # noqa: E402
 from minigrpo.model import LogprobModel, load_model, load_tokenizer  # noqa: E402
 from minigrpo.optim import build_optimizer  # noqa: E402
 from minigrpo.parallel import iter_full_state_dict, shard_model, shard_reference  # noqa: E402
@@ -109,3 +109,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    destroy_distributed()  # a barrier first: no rank tears gloo down under a peer's last collective

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import minigrpo.parallel as parallel  # noqa: E402
 from minigrpo.config import ModelConfig, ParallelConfig  # noqa: E402
-from minigrpo.dist import all_gather_object, init_distributed  # noqa: E402
+from minigrpo.dist import all_gather_object, destroy_distributed, init_distributed  # noqa: E402
 from minigrpo.model import LogprobModel  # noqa: E402
 
 
@@ -102,3 +102,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    destroy_distributed()  # a barrier first: no rank tears gloo down under a peer's last collective

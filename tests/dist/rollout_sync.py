@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from minigrpo.config import ParallelConfig  # noqa: E402
-from minigrpo.dist import init_distributed  # noqa: E402
+from minigrpo.dist import destroy_distributed, init_distributed  # noqa: E402
 from minigrpo.model import IGNORE_INDEX, LogprobModel, load_model  # noqa: E402
 from minigrpo.parallel import iter_full_state_dict, shard_model  # noqa: E402
 from minigrpo.rollout import SamplingParams  # noqa: E402
@@ -95,3 +95,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    destroy_distributed()  # a barrier first: no rank tears gloo down under a peer's last collective
